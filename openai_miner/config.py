@@ -1,0 +1,128 @@
+"""Configuration: argparse flags, layered as CLI > environment > ``.env`` file > default.
+
+Every flag ``--a.b_c`` can also be set by the environment variable ``A_B_C`` (dots and dashes
+become underscores, upper case), so ``--openai.base_url`` is ``OPENAI_BASE_URL``, the openai
+SDK's own name. The ``.env`` file is read with python-dotenv and never overrides the real
+environment. The result is a ``bt.Config`` tree, which bittensor's classes take as they are.
+"""
+
+import argparse
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import bittensor as bt
+from dotenv import dotenv_values
+
+# Namespaces whose flags may come from the environment. Others (bittensor's ``--config``,
+# ``--strict``...) would collide with unrelated variables such as ``CONFIG``.
+ENV_NAMESPACES = frozenset(
+    {"openai", "neuron", "blacklist", "fallback", "wallet", "subtensor", "axon", "logging", "netuid", "mock"}
+)
+
+TRUE = frozenset({"1", "true", "yes", "on", "y", "t"})
+FALSE = frozenset({"0", "false", "no", "off", "n", "f", ""})
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unreadable or has a bad value; the message says which and why."""
+
+
+def str_to_bool(value: str | bool) -> bool:
+    """A real boolean for flags and env vars: ``"false"`` means False (argparse's ``bool`` says True)."""
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower()
+    if text in TRUE:
+        return True
+    if text in FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, 1/0, yes/no), got {value!r}")
+
+
+def add_bool(parser: argparse.ArgumentParser, *flags: str, default: bool, help: str) -> None:
+    """``--flag`` alone means true; ``--flag false`` / ``--flag 0`` means false."""
+    parser.add_argument(
+        *flags, type=str_to_bool, nargs="?", const=True, default=default, metavar="BOOL", help=help
+    )
+
+
+def env_name(dest: str) -> str:
+    return dest.replace(".", "_").replace("-", "_").upper()
+
+
+def read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
+    """The variables of a ``.env`` file; none if there is no file, a clear error if it is unreadable."""
+    if path is None or not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as stream:
+            values = dotenv_values(stream=stream)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {os.fspath(path)}: {exc}") from exc
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def layered_env(
+    environ: Mapping[str, str] | None = None, env_file: str | os.PathLike[str] | None = ".env"
+) -> dict[str, str]:
+    """The environment over the ``.env`` file: a real variable always wins."""
+    return {**read_env_file(env_file), **(os.environ if environ is None else environ)}
+
+
+def env_dests(parser: argparse.ArgumentParser) -> Iterable[argparse.Action]:
+    for action in parser._actions:
+        head = action.dest.split(".")[0]
+        if head in ENV_NAMESPACES and not any(part.startswith("_") for part in action.dest.split(".")):
+            yield action
+
+
+def apply_env(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
+    """Turn each matching variable into the flag's default, so the command line still wins."""
+    for action in env_dests(parser):
+        name = env_name(action.dest)
+        if name not in env:
+            continue
+        try:
+            action.default = convert(action, env[name])
+        except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+            raise ConfigError(f"environment variable {name}={env[name]!r}: {exc}") from exc
+        action.required = False
+
+
+def convert(action: argparse.Action, raw: str) -> Any:
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return str_to_bool(raw)
+    to_value = action.type or str
+    if action.nargs in ("*", "+"):
+        return [to_value(item) for item in raw.split()]
+    value = to_value(raw)
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"must be one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def to_tree(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1}`` -> ``{"a": {"b": 1}}``: the nesting bittensor's config expects."""
+    tree: dict[str, Any] = {}
+    for dest, value in flat.items():
+        *parents, leaf = dest.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def build_config(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> bt.Config:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) over ``env`` (default: environment over ``.env``).
+
+    Parsing is argparse's own, not ``bt.Config``'s, which ignores the command line unless
+    ``BT_NO_PARSE_CLI_ARGS`` is set and falls back to ``sys.argv`` when given no arguments.
+    """
+    apply_env(parser, layered_env() if env is None else env)
+    namespace = parser.parse_args(argv)
+    return bt.Config(parser=None, default=to_tree(vars(namespace)))

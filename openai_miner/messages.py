@@ -1,0 +1,57 @@
+"""Synapse roles/messages -> LangChain chat messages, refusing what no model should be sent.
+
+Validation lives here, before any model work, so a malformed synapse costs nothing and gets a
+reason the validator can read.
+"""
+
+from typing import Sequence
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+
+ROLES: dict[str, type[BaseMessage]] = {
+    "system": SystemMessage,
+    "user": HumanMessage,
+    "assistant": AIMessage,
+}
+
+
+class InvalidPrompt(ValueError):
+    """The synapse cannot be answered; ``str(error)`` is the reason sent to the validator."""
+
+
+def to_chat_messages(
+    roles: Sequence[str],
+    messages: Sequence[str],
+    *,
+    system_prompt: str | None = None,
+    max_chars: int = 100_000,
+) -> list[BaseMessage]:
+    """Map each (role, message) pair to a chat message, in order, keeping the whole history.
+
+    ``system_prompt`` is put first unless the conversation brings its own system message.
+    Raises :class:`InvalidPrompt` for anything that would make the answer meaningless.
+    """
+    if not messages:
+        raise InvalidPrompt("no messages: the synapse must carry at least one message")
+    if len(roles) != len(messages):
+        raise InvalidPrompt(
+            f"{len(roles)} roles for {len(messages)} messages: each message needs exactly one role"
+        )
+    total = sum(len(message) for message in messages)
+    if total > max_chars:
+        raise InvalidPrompt(f"prompt of {total} characters is over this miner's limit of {max_chars}")
+    chat: list[BaseMessage] = []
+    for index, (role, content) in enumerate(zip(roles, messages)):
+        kind = ROLES.get(role.strip().lower()) if isinstance(role, str) else None
+        if kind is None:
+            raise InvalidPrompt(
+                f"message {index} has unknown role {role!r}; expected one of {', '.join(ROLES)}"
+            )
+        if not content.strip():
+            raise InvalidPrompt(f"message {index} ({role}) is empty")
+        chat.append(kind(content=content))
+    if not any(isinstance(message, HumanMessage) for message in chat):
+        raise InvalidPrompt("no user message: there is nothing to answer")
+    if system_prompt and not any(isinstance(message, SystemMessage) for message in chat):
+        chat.insert(0, SystemMessage(content=system_prompt))
+    return chat

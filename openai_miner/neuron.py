@@ -1,0 +1,337 @@
+"""The base ``Miner``: wallet, chain, registry, axon, blacklist, priority and the run loop.
+
+Subclasses supply the answer (:meth:`Miner.forward`, :meth:`Miner.prompt`). Everything here is
+the part every subnet-1 miner needs and few get right: refusing unregistered callers before any
+work, serving the axon, keeping the registry fresh, and stopping cleanly.
+
+No ``from __future__ import annotations`` here: bittensor's ``Axon.attach`` compares the real
+annotation objects of ``forward``/``blacklist``/``priority``.
+"""
+
+import abc
+import argparse
+import hashlib
+import socket
+import threading
+import time
+import typing
+from collections import OrderedDict
+from importlib import resources
+from typing import Mapping, Sequence
+
+import bittensor as bt
+from bittensor.core.errors import SynapseException
+
+from openai_miner.access import AccessPolicy
+from openai_miner.access import blacklist as decide_blacklist
+from openai_miner.access import priority as stake_priority
+from openai_miner.chain import Registry, fetch_registry, mock_subtensor, register_mock_neuron
+from openai_miner.config import add_bool, build_config
+from openai_miner.protocol import StreamPromptingSynapse
+
+StreamingResponse = StreamPromptingSynapse.BTStreamingResponse
+
+
+def default_system_prompt() -> str:
+    return resources.files("openai_miner").joinpath("prompts/system.txt").read_text("utf-8").strip()
+
+
+class StartupError(RuntimeError):
+    """The miner cannot start; the message says why and how to fix it, ``exit_code`` is documented."""
+
+    exit_code = 1
+
+
+class NotRegistered(StartupError):
+    """The wallet's hotkey is not on the subnet: a miner cannot earn, so it does not start."""
+
+    exit_code = 3
+
+
+class PortBusy(StartupError):
+    """Another process holds the axon port (bittensor would fail silently in its thread)."""
+
+    exit_code = 4
+
+
+def refuse(synapse: StreamPromptingSynapse, status: int, reason: str) -> SynapseException:
+    """An error the axon turns into an HTTP ``status`` response carrying ``reason`` to the validator."""
+    if synapse.axon is not None:
+        synapse.axon.status_code = status
+        synapse.axon.status_message = reason
+    return SynapseException(reason, synapse=synapse)
+
+
+class RecentPrompts:
+    """Refuses the same conversation twice within ``window`` seconds (off when ``window`` is 0)."""
+
+    def __init__(self, window: float, clock: typing.Callable[[], float] = time.monotonic) -> None:
+        self.window = window
+        self._clock = clock
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    @staticmethod
+    def key(messages: Sequence[str]) -> str:
+        digest = hashlib.sha256()
+        for message in messages:
+            digest.update(message.encode("utf-8", errors="surrogatepass"))
+            digest.update(b"\x00")
+        return digest.hexdigest()
+
+    def check_and_remember(self, messages: Sequence[str]) -> bool:
+        """True if this conversation is new within the window (and remember it), else False."""
+        if self.window <= 0:
+            return True
+        now = self._clock()
+        while self._seen and next(iter(self._seen.values())) <= now - self.window:
+            self._seen.popitem(last=False)
+        key = self.key(messages)
+        if key in self._seen:
+            return False
+        self._seen[key] = now
+        return True
+
+
+def ensure_port_free(port: int) -> None:
+    """Fail loudly: a busy axon port otherwise dies silently inside uvicorn's thread."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError as exc:
+            raise PortBusy(
+                f"axon port {port} is busy ({exc.strerror}); stop whatever uses it or pass --axon.port"
+            ) from exc
+
+
+def wait_listening(port: int, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise StartupError(f"the axon did not start listening on port {port} within {timeout:.0f}s")
+
+
+class Miner(abc.ABC):
+    """A subnet-1 miner: subclass and implement :meth:`forward` and :meth:`prompt`."""
+
+    def __init__(
+        self,
+        config: bt.Config | None = None,
+        *,
+        wallet: bt.Wallet | None = None,
+        subtensor: bt.Subtensor | None = None,
+        axon: bt.Axon | None = None,
+    ) -> None:
+        self.config = config if config is not None else type(self).config()
+        if self.config.get("logging"):
+            bt.logging.set_config(self.config.logging)
+        netuid = self.config.netuid
+        self.wallet = wallet or bt.Wallet(config=self.config)
+        if self.config.mock:
+            self.wallet.create_if_non_existent(
+                coldkey_use_password=False, hotkey_use_password=False, suppress=True
+            )
+        self.subtensor = subtensor or (
+            mock_subtensor(netuid) if self.config.mock else bt.Subtensor(config=self.config)
+        )
+        if self.config.mock:
+            register_mock_neuron(
+                self.subtensor,
+                netuid,
+                self.wallet.hotkey.ss58_address,
+                self.wallet.coldkeypub.ss58_address,
+            )
+        self.policy = AccessPolicy(
+            allow_non_registered=self.config.blacklist.allow_non_registered,
+            force_validator_permit=self.config.blacklist.force_validator_permit,
+            min_stake=self.config.blacklist.min_stake,
+            whitelist=frozenset(self.config.blacklist.whitelist or ()),
+        )
+        self.registry: Registry = fetch_registry(self.subtensor, netuid)
+        self.recent_prompts = RecentPrompts(self.config.neuron.prompt_cache_seconds)
+        self.axon = axon or bt.Axon(
+            wallet=self.wallet,
+            config=self.config,
+            external_ip=self.config.axon.external_ip or ("127.0.0.1" if self.config.mock else None),
+        )
+        self._exit = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.is_running = False
+
+    # -- configuration ------------------------------------------------------------------------
+
+    @classmethod
+    def config(
+        cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+    ) -> bt.Config:
+        """Flags of this class (``add_args``) parsed over the environment and ``.env``."""
+        parser = argparse.ArgumentParser(
+            prog="openai-miner", description=cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+        cls.add_args(parser)
+        return build_config(parser, argv, env)
+
+    @classmethod
+    def add_args(cls, parser: argparse.ArgumentParser) -> None:
+        bt.Wallet.add_args(parser)
+        bt.Subtensor.add_args(parser)
+        bt.Axon.add_args(parser)
+        bt.logging.add_args(parser)
+        parser.add_argument("--netuid", type=int, default=1, help="Subnet to mine on (1 is prompting).")
+        add_bool(parser, "--mock", default=False, help="Run on an in-process mock chain: no network, no registration.")
+        parser.add_argument(
+            "--neuron.system_prompt", type=str, default=default_system_prompt(),
+            help="System prompt used unless the validator sends its own.",
+        )
+        parser.add_argument(
+            "--neuron.streaming_batch_size", type=int, default=12,
+            help="Tokens per streamed chunk (SN1 validators penalise chunks over 200 tokens).",
+        )
+        add_bool(
+            parser, "--neuron.stop_on_forward_exception", default=False,
+            help="Stop the miner when answering a request fails.",
+        )
+        parser.add_argument(
+            "--neuron.deadline_margin", type=float, default=0.5,
+            help="Seconds before the validator's timeout at which the answer so far is flushed.",
+        )
+        parser.add_argument(
+            "--neuron.max_prompt_chars", type=int, default=100_000,
+            help="Refuse conversations longer than this many characters.",
+        )
+        parser.add_argument(
+            "--neuron.prompt_cache_seconds", type=float, default=0.0,
+            help="Refuse a conversation repeated within this many seconds (0 = off).",
+        )
+        parser.add_argument(
+            "--neuron.sync_interval", type=float, default=120.0,
+            help="Seconds between refreshes of the registered hotkeys and stakes.",
+        )
+        add_bool(
+            parser, "--blacklist.allow_non_registered", default=False,
+            help="Serve hotkeys that are not registered on the subnet.",
+        )
+        add_bool(
+            parser, "--blacklist.force_validator_permit", default=True,
+            help="Refuse registered hotkeys without a validator permit.",
+        )
+        parser.add_argument(
+            "--blacklist.whitelist", type=str, nargs="*", default=[], metavar="HOTKEY",
+            help="Hotkeys always served.",
+        )
+        parser.add_argument(
+            "--blacklist.min_stake", type=float, default=0.0,
+            help="Refuse hotkeys with less stake than this (TAO).",
+        )
+
+    # -- what subclasses implement --------------------------------------------------------------
+
+    @abc.abstractmethod
+    def forward(self, synapse: StreamPromptingSynapse) -> StreamingResponse:
+        """Answer ``synapse`` as a streaming response."""
+
+    @abc.abstractmethod
+    async def prompt(self, synapse: StreamPromptingSynapse) -> StreamPromptingSynapse:
+        """Answer ``synapse`` whole: fill ``completion`` and return it."""
+
+    # -- what the axon calls --------------------------------------------------------------------
+
+    def _prompt(self, synapse: StreamPromptingSynapse) -> StreamingResponse:
+        """The axon's entry point: refuse a recent repeat, then :meth:`forward`."""
+        if not self.recent_prompts.check_and_remember(synapse.messages):
+            raise refuse(
+                synapse, 429,
+                f"the same conversation was asked within {self.recent_prompts.window:g}s",
+            )
+        return self.forward(synapse)
+
+    def blacklist(self, synapse: StreamPromptingSynapse) -> typing.Tuple[bool, str]:
+        hotkey = synapse.dendrite.hotkey if synapse.dendrite else None
+        refused, reason = decide_blacklist(hotkey, self.registry, self.policy)
+        if refused:
+            bt.logging.debug(f"blacklisted: {reason}")
+        return refused, reason
+
+    def priority(self, synapse: StreamPromptingSynapse) -> float:
+        return stake_priority(synapse.dendrite.hotkey if synapse.dendrite else None, self.registry)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def should_exit(self) -> bool:
+        return self._exit.is_set()
+
+    def sync(self) -> None:
+        """Refresh the registry; a failed refresh keeps the last good one."""
+        try:
+            self.registry = fetch_registry(self.subtensor, self.config.netuid)
+        except Exception as exc:
+            bt.logging.warning(f"could not refresh the registry, keeping the last one: {exc}")
+
+    def check_registered(self) -> None:
+        hotkey = self.wallet.hotkey.ss58_address
+        if self.registry.get(hotkey) is None:
+            raise NotRegistered(
+                f"hotkey {hotkey} (wallet {self.wallet.name}/{self.wallet.hotkey_str}) is not registered "
+                f"on netuid {self.config.netuid} of {self.config.subtensor.network}: register it with "
+                f"`btcli subnet register --netuid {self.config.netuid}`, or run with --mock to try it offline"
+            )
+
+    def start_axon(self) -> None:
+        """Check, attach, serve and start the axon; returns once it is listening."""
+        self.check_registered()
+        ensure_port_free(self.axon.port)
+        self.axon.attach(forward_fn=self._prompt, blacklist_fn=self.blacklist, priority_fn=self.priority)
+        if not self.config.mock:
+            self.axon.serve(netuid=self.config.netuid, subtensor=self.subtensor)
+        self.axon.start()
+        wait_listening(self.axon.port)
+        self.is_running = True
+        bt.logging.info(f"axon serving on {self.axon.external_ip}:{self.axon.external_port}")
+
+    def run(self) -> None:
+        """Serve until :meth:`stop_run_thread`, Ctrl-C or an exit request; refresh the registry."""
+        self.start_axon()
+        try:
+            self.keep_synced()
+        except KeyboardInterrupt:
+            bt.logging.info("interrupted: stopping")
+        finally:
+            self.axon.stop()
+            self.is_running = False
+
+    def run_in_background_thread(self) -> None:
+        """Start :meth:`run` in a daemon thread; returns once the axon listens."""
+        if self._thread is not None:
+            return
+        self._exit.clear()
+        self.start_axon()
+        self._thread = threading.Thread(target=self.keep_synced, name="miner", daemon=True)
+        self._thread.start()
+
+    def keep_synced(self) -> None:
+        """Refresh the registry every ``--neuron.sync_interval`` seconds until asked to exit."""
+        while not self._exit.wait(self.config.neuron.sync_interval):
+            self.sync()
+
+    def request_exit(self) -> None:
+        """Ask :meth:`run` (or the background thread) to stop after the current wait."""
+        self._exit.set()
+
+    def stop_run_thread(self) -> None:
+        self._exit.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self.axon.stop()
+        self.is_running = False
+
+    def __enter__(self) -> "Miner":
+        self.run_in_background_thread()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop_run_thread()

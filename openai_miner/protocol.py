@@ -1,0 +1,100 @@
+"""`StreamPromptingSynapse`: the wire contract with subnet 1 ("prompting") validators.
+
+The class name is the axon route, and the fields are SN1's, so SN1 validators talk to this miner
+unchanged. Newer validators send ``task_name``, ``target_model`` and ``seed``; they are accepted.
+"""
+
+import codecs
+import json
+from typing import AsyncIterator, ClassVar, List, Optional
+
+import bittensor as bt
+import pydantic
+from aiohttp import ClientResponse
+
+
+class StreamPromptingSynapse(bt.StreamingSynapse):
+    """A chat conversation in (``roles``/``messages``), a streamed ``completion`` out."""
+
+    roles: List[str] = pydantic.Field(
+        ...,
+        title="Roles",
+        description="Role of each message: system, user or assistant.",
+        frozen=True,
+    )
+    messages: List[str] = pydantic.Field(
+        ..., title="Messages", description="The conversation, one string per role.", frozen=True
+    )
+    required_hash_fields: ClassVar[tuple[str, ...]] = ("messages",)
+    completion: str = pydantic.Field("", title="Completion", description="The miner's answer.")
+    task_name: Optional[str] = pydantic.Field(None, title="Task name")
+    target_model: Optional[str] = pydantic.Field(None, title="Target model")
+    seed: Optional[int] = pydantic.Field(None, title="Seed")
+    _error_body: Optional[str] = pydantic.PrivateAttr(None)
+
+    async def process_streaming_response(
+        self, response: ClientResponse
+    ) -> AsyncIterator[str]:
+        """Yield each decoded chunk and append it to ``completion``.
+
+        Newlines are kept and a multi-byte character split across chunks is decoded once whole.
+        A non-200 body (blacklisted, bad signature, refused input) is an error message, never
+        a completion: it is kept for ``extract_response_json`` and nothing is yielded.
+        """
+        if self.completion is None:
+            self.completion = ""
+        if response.status != 200:
+            self._error_body = (await response.read()).decode("utf-8", errors="replace")
+            return
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        async for chunk in response.content.iter_any():
+            text = decoder.decode(chunk)
+            if text:
+                self.completion += text
+                yield text
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            self.completion += tail
+            yield tail
+
+    def extract_response_json(self, response: ClientResponse) -> dict:
+        """Headers and fields of the answer, in the shape bittensor's dendrite merges back."""
+        headers = {
+            k.decode("utf-8"): v.decode("utf-8") for k, v in response.raw_headers
+        }
+
+        def terminal(prefix: str) -> dict[str, str]:
+            return {
+                key.split("_")[-1]: value
+                for key, value in headers.items()
+                if key.startswith(prefix)
+            }
+
+        result = {
+            "name": headers.get("name", ""),
+            "timeout": float(headers.get("timeout", 0)),
+            "total_size": int(headers.get("total_size", 0)),
+            "header_size": int(headers.get("header_size", 0)),
+            "dendrite": terminal("bt_header_dendrite"),
+            "axon": terminal("bt_header_axon"),
+            "roles": self.roles,
+            "messages": self.messages,
+            "completion": self.completion,
+        }
+        if self._error_body is not None:
+            result["message"] = _error_message(self._error_body)
+        return result
+
+    def deserialize(self) -> str:
+        return self.completion
+
+
+def _error_message(body: str) -> str:
+    """The axon's error bodies are ``{"message": ...}``; anything else is passed on as text."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body
+    if isinstance(parsed, dict) and "message" in parsed:
+        return str(parsed["message"])
+    return body

@@ -1,0 +1,144 @@
+"""Tokens from any OpenAI-compatible chat model, through LangChain's ``ChatOpenAI``.
+
+The model streams; a LangChain async callback handler puts each token on the drain's queue as it
+arrives. Transient upstream errors (429, 5xx, timeouts, refused connections) are retried by
+``tenacity``, but only before the first token (a retry after it would repeat text) and only while
+the next attempt can still start before the request's deadline; ``Retry-After`` is honoured.
+"""
+
+import asyncio
+import time
+from typing import Any, Sequence
+
+import bittensor as bt
+import openai
+from langchain_core.callbacks import AsyncCallbackHandler
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import BaseMessage
+from langchain_openai import ChatOpenAI
+from pydantic import SecretStr
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from openai_miner.sources.base import UpstreamError
+
+RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+
+
+class QueueCallback(AsyncCallbackHandler):
+    """Puts each streamed, non-empty token on a queue (role, finish and usage chunks are empty)."""
+
+    def __init__(self, queue: "asyncio.Queue[str]") -> None:
+        self.queue = queue
+        self.tokens = 0
+
+    async def on_llm_new_token(self, token: Any, **kwargs: Any) -> None:
+        if isinstance(token, str) and token:
+            self.tokens += 1
+            self.queue.put_nowait(token)
+
+
+def chat_openai(
+    *,
+    model: str,
+    api_key: SecretStr | str | None,
+    base_url: str | None = None,
+    temperature: float = 0.7,
+    max_tokens: int | None = None,
+    timeout: float | None = None,
+) -> ChatOpenAI:
+    """A streaming ``ChatOpenAI`` with its own HTTP client, so it is bound to no other event loop.
+
+    The SDK's own retries are off: :class:`OpenAISource` retries, knowing the deadline.
+    """
+    return ChatOpenAI(
+        model=model,
+        api_key=api_key if isinstance(api_key, SecretStr) else SecretStr(api_key or "EMPTY"),
+        base_url=base_url,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        timeout=timeout,
+        max_retries=0,
+        streaming=True,
+        stream_usage=False,
+        http_async_client=openai.DefaultAsyncHttpxClient(),
+    )
+
+
+def is_transient(error: BaseException) -> bool:
+    if isinstance(error, (openai.APIConnectionError, openai.APITimeoutError)):
+        return True
+    return isinstance(error, openai.APIStatusError) and error.status_code in RETRYABLE_STATUS
+
+
+def retry_after(error: BaseException | None) -> float | None:
+    """Seconds the server asked us to wait, from a ``Retry-After`` header in seconds."""
+    response = getattr(error, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def describe(error: BaseException) -> str:
+    """A log-safe line: the status and the server's message, never the request or the key."""
+    if isinstance(error, openai.APIStatusError):
+        return f"HTTP {error.status_code} {type(error).__name__}: {error.message}"
+    return f"{type(error).__name__}: {error}"
+
+
+class OpenAISource:
+    """A :class:`~openai_miner.sources.base.TokenSource` over a LangChain chat model."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        model: BaseChatModel,
+        *,
+        max_retries: int = 2,
+        backoff: float = 0.25,
+        max_backoff: float = 4.0,
+    ) -> None:
+        self.model = model
+        self.max_retries = max_retries
+        self._backoff = wait_exponential_jitter(initial=backoff, max=max_backoff, jitter=backoff)
+
+    async def produce(
+        self, messages: Sequence[BaseMessage], queue: "asyncio.Queue[str]", deadline: float
+    ) -> None:
+        handler = QueueCallback(queue)
+
+        def wait(state: RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            return max(retry_after(error) or 0.0, self._backoff(state))
+
+        def past_deadline(state: RetryCallState) -> bool:
+            return time.monotonic() + state.upcoming_sleep >= deadline
+
+        def log_retry(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            bt.logging.warning(
+                f"upstream attempt {state.attempt_number} failed ({describe(error) if error else '?'}); "
+                f"retrying in {state.upcoming_sleep:.2f}s"
+            )
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(lambda error: handler.tokens == 0 and is_transient(error)),
+            stop=stop_after_attempt(self.max_retries + 1) | past_deadline,
+            wait=wait,
+            before_sleep=log_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self.model.ainvoke(list(messages), config={"callbacks": [handler]})
+        except openai.OpenAIError as error:
+            raise UpstreamError(describe(error)) from error

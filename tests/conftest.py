@@ -4,6 +4,7 @@ Nothing here reaches the network: the chain is ``bt.MockSubtensor``, the axon li
 127.0.0.1, and the dendrite's public-IP lookup is answered locally.
 """
 
+import os
 import socket
 from pathlib import Path
 from typing import Callable, Iterator
@@ -16,6 +17,7 @@ from openai_miner.miner import OpenAIMiner
 from openai_miner.sources.base import TokenSource
 
 NETUID = 1
+os.environ["HF_HUB_OFFLINE"] = "1"  # no model hub here: local models load from disk only
 
 
 def free_port() -> int:
@@ -31,8 +33,12 @@ def make_wallet(root: Path, name: str) -> bt.Wallet:
 
 
 @pytest.fixture(autouse=True)
-def offline_ip(monkeypatch: pytest.MonkeyPatch) -> None:
+def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No public-IP lookup, no developer key or ``.env`` leaking into a test."""
     monkeypatch.setattr("bittensor.utils.networking.get_external_ip", lambda: "127.0.0.1")
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture
@@ -83,3 +89,12 @@ def serve_miner(
     yield start
     for miner in started:
         miner.stop_run_thread()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of a tiny local model directory (needs the ``local`` extra)."""
+    pytest.importorskip("transformers")
+    from tests.tiny_model import TEMPLATE, build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), TEMPLATE))

@@ -45,3 +45,16 @@ async def test_bad_synapse_refused_and_miner_keeps_serving(serve_miner, validato
     assert unknown.status == 400 and "unknown role" in unknown.synapse.dendrite.status_message
     assert bad.text == unknown.text == ""
     assert good.status == 200 and good.text == "".join(TOKENS)
+
+
+async def test_no_api_key_answers_from_the_local_model(serve_miner, validator, tiny_model) -> None:
+    miner = serve_miner(
+        "--fallback.model", tiny_model, "--fallback.device", "cpu", "--fallback.max_new_tokens", "30",
+        "--neuron.streaming_batch_size", "5",
+    )
+    assert miner.source.primary is None and miner.source.local._loaded is not None  # preloaded
+    async with bt.Dendrite(wallet=validator) as dendrite:
+        answer = await ask(dendrite, miner.axon, ["user"], ["what is the capital of france ?"])
+    assert answer.status == 200
+    assert answer.text.strip() and answer.text == answer.synapse.completion
+    assert miner.source.answered == {"local": 1}

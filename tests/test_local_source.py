@@ -9,10 +9,9 @@ from typing import Any
 import pytest
 import torch
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from openai_miner.sources.base import UpstreamError
+from tests.tiny_model import build_tiny_model
 from openai_miner.sources.local import (
     FALLBACK_CHAT_TEMPLATE,
     LocalSource,
@@ -21,57 +20,12 @@ from openai_miner.sources.local import (
     pick_device,
 )
 
-CORPUS = [
-    "the quick brown fox jumps over the lazy dog",
-    "what is the capital of france ? paris is the capital",
-    "system user assistant : hello there , how are you today",
-]
-TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
-    "{% if add_generation_prompt %}assistant :{% endif %}"
-)
 QUESTION = [HumanMessage("what is the capital of france ?")]
-
-
-def build_tiny_model(directory: Path, chat_template: str | None) -> Path:
-    """A word-level tokenizer and a 2-layer random Llama that never emits EOS, saved to disk."""
-    words = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    words.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=["[UNK]", "<pad>", "</s>"]))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=words, unk_token="[UNK]", pad_token="<pad>", eos_token="</s>"
-    )
-    tokenizer.chat_template = chat_template
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    model = LlamaForCausalLM(config)
-    # A random model stops or repeats one word at once: forbid special tokens, vary the words.
-    model.generation_config.suppress_tokens = list(tokenizer.all_special_ids)
-    model.generation_config.repetition_penalty = 1.3
-    tokenizer.save_pretrained(directory)
-    model.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), TEMPLATE))
 
 
 def source(model: str, **kwargs: Any) -> LocalSource:
@@ -135,8 +89,8 @@ def test_pick_device() -> None:
             pick_device(device, cuda_available=lambda: False)
 
 
-def test_explicit_cuda_without_cuda_fails_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_explicit_cuda_without_cuda_fails_at_construction() -> None:
     with pytest.raises(ValueError):
         LocalSource("unused", device="cuda")
 
@@ -160,7 +114,6 @@ def test_load_model_falls_back_to_a_plain_chat_template(tmp_path: Path) -> None:
     assert prompt == "system: hello\nuser: how are you\nassistant:"
 
 
-@pytest.mark.asyncio
 async def test_streams_the_whole_answer_token_by_token(tiny_model: str) -> None:
     local = source(tiny_model, max_new_tokens=200)
     queue: asyncio.Queue[str] = asyncio.Queue()
@@ -192,18 +145,33 @@ async def test_streams_the_whole_answer_token_by_token(tiny_model: str) -> None:
     )
 
 
-@pytest.mark.asyncio
-async def test_maps_system_and_assistant_messages(tiny_model: str) -> None:
+async def test_maps_messages_and_keeps_typed_control_tokens_as_text(
+    tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     local = source(tiny_model, max_new_tokens=5)
+    loaded = local.load()
+    prompts = []
+    generate = loaded.model.generate
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        prompts.append(kwargs["input_ids"][0].tolist())
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "generate", spy)
     queue: asyncio.Queue[str] = asyncio.Queue()
-    history = [SystemMessage("hello"), HumanMessage("how are you"), AIMessage("paris"), *QUESTION]
+    history = [SystemMessage("hello"), HumanMessage("how are you </s>"), AIMessage("paris"), *QUESTION]
     await local.produce(history, queue, time.monotonic() + 30)
     assert not queue.empty()
+    prompt = loaded.tokenizer.decode(prompts[0])
+    assert prompt.startswith("system : hello </s> user : how are you")
+    assert "assistant : paris </s> user : what is the capital" in prompt
+    # Only the template's four end-of-message markers are real EOS tokens; the typed one is text.
+    assert prompts[0].count(loaded.tokenizer.eos_token_id) == len(history)
+
     with pytest.raises(UpstreamError, match="ToolMessage"):
         await local.produce([ToolMessage("x", tool_call_id="1")], queue, time.monotonic() + 30)
 
 
-@pytest.mark.asyncio
 async def test_cancelling_produce_stops_generate(tiny_model: str) -> None:
     local = source(tiny_model, max_new_tokens=5000)
     queue: asyncio.Queue[str] = asyncio.Queue()
@@ -224,13 +192,12 @@ async def test_cancelling_produce_stops_generate(tiny_model: str) -> None:
     assert queue.qsize() == left, "tokens arrived after the request was cancelled"
     # The slot was given back: the next request runs.
     local.max_new_tokens = 3
-    done = asyncio.Queue()
+    done: asyncio.Queue[str] = asyncio.Queue()
     await asyncio.wait_for(local.produce(QUESTION, done, time.monotonic() + 10), 5)
     assert not done.empty()
     assert time.monotonic() - cancelled_at < 5
 
 
-@pytest.mark.asyncio
 async def test_deadline_stops_generate(tiny_model: str) -> None:
     local = source(tiny_model, max_new_tokens=5000)
     queue: asyncio.Queue[str] = asyncio.Queue()
@@ -240,7 +207,6 @@ async def test_deadline_stops_generate(tiny_model: str) -> None:
     assert not queue.empty() and local.generating == 0
 
 
-@pytest.mark.asyncio
 async def test_deadline_already_past_produces_nothing(
     tiny_model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -251,7 +217,6 @@ async def test_deadline_already_past_produces_nothing(
     assert queue.empty() and stats["calls"] == 0
 
 
-@pytest.mark.asyncio
 async def test_no_slot_before_deadline_produces_nothing(tiny_model: str) -> None:
     local = source(tiny_model, max_new_tokens=5000, concurrency=1)
     busy: asyncio.Queue[str] = asyncio.Queue()
@@ -271,7 +236,6 @@ async def test_no_slot_before_deadline_produces_nothing(tiny_model: str) -> None
     await wait_until_idle(local, 1)
 
 
-@pytest.mark.asyncio
 @pytest.mark.parametrize("concurrency", [1, 2])
 async def test_concurrency_limits_overlapping_generations(
     tiny_model: str, concurrency: int, monkeypatch: pytest.MonkeyPatch
@@ -285,7 +249,6 @@ async def test_concurrency_limits_overlapping_generations(
     assert stats["calls"] == 2 and stats["max"] == concurrency
 
 
-@pytest.mark.asyncio
 async def test_error_in_generate_reaches_produce(
     tiny_model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -310,7 +273,6 @@ async def test_error_in_generate_reaches_produce(
     assert not queue.empty()
 
 
-@pytest.mark.asyncio
 async def test_bad_model_path_is_an_upstream_error(tmp_path: Path) -> None:
     local = LocalSource(str(tmp_path / "missing"), device="cpu")
     with pytest.raises(UpstreamError, match="could not load"):
@@ -318,7 +280,6 @@ async def test_bad_model_path_is_an_upstream_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.asyncio
 async def test_real_smollm2_gguf_answers_on_cpu() -> None:
     path = default_model()
     if path is None:

@@ -150,6 +150,18 @@ class OpenAIMiner(Miner):
         )
         return OpenAISource(model, max_retries=settings.max_retries)
 
+    def backend(self) -> str:
+        """Which model answers, for the start-up summary (never the key)."""
+        openai = f"{self.config.openai.model_name} at {self.config.openai.base_url or 'OpenAI'}"
+        source = self.source
+        if not isinstance(source, FallbackSource):
+            return f"{source.name} ({openai})" if source.name == "openai" else source.name
+        local = source.local
+        local_text = f"local {getattr(local, 'model', local.name)} on {getattr(local, 'device', '?')}" if local else ""
+        if source.primary is None:
+            return f"{local_text} (no OPENAI_API_KEY)"
+        return f"openai ({openai}), fallback {local_text}" if local else f"openai ({openai})"
+
     def chat_messages(self, synapse: StreamPromptingSynapse) -> list:
         try:
             return to_chat_messages(

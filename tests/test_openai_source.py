@@ -1,0 +1,109 @@
+"""The OpenAI source against a loopback OpenAI-compatible server: streaming, retries, deadlines."""
+
+import asyncio
+import time
+
+import pytest
+from langchain_core.messages import HumanMessage, SystemMessage
+
+from openai_miner.loopback import Fault, LoopbackUpstream
+from openai_miner.sources.base import UpstreamError
+from openai_miner.sources.openai import OpenAISource, chat_openai
+from openai_miner.streaming import stream_answer
+from tests.test_streaming import Recorder
+
+TOKENS = [f"w{i} " for i in range(25)]
+MESSAGES = [SystemMessage("be brief"), HumanMessage("hello")]
+
+
+def source(up: LoopbackUpstream, **kwargs) -> OpenAISource:
+    model = chat_openai(model="loopback", api_key="sk-test-secret", base_url=up.base_url, max_tokens=64)
+    return OpenAISource(model, backoff=0.01, max_backoff=0.05, **kwargs)
+
+
+async def run(src: OpenAISource, deadline_in: float = 10.0, batch: int = 4):
+    send = Recorder()
+    result = await stream_answer(src, MESSAGES, send, batch_size=batch, deadline=time.monotonic() + deadline_in)
+    return send, result
+
+
+async def test_streams_every_token_in_batches() -> None:
+    with LoopbackUpstream(tokens=TOKENS) as up:
+        send, result = await run(source(up))
+        body = up.requests[0].body
+    assert result.outcome == "complete" and result.tokens == 25
+    assert send.text == "".join(TOKENS)
+    assert len(send.messages) == 7  # ceil(25 / 4)
+    assert body["stream"] is True and body["model"] == "loopback"
+    assert [m["role"] for m in body["messages"]] == ["system", "user"]
+    assert body["messages"][1]["content"] == "hello"
+
+
+async def test_tokens_are_forwarded_as_they_arrive() -> None:
+    with LoopbackUpstream(tokens=TOKENS[:6], interval=0.05) as up:
+        send, _ = await run(source(up), batch=1)
+        sent = up.requests[0].token_times
+    lags = [got - put for got, put in zip(send.times, sent)]
+    assert len(lags) == 6 and max(lags) < 0.04  # not buffered until the end (that would be 0.25 s)
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+async def test_transient_errors_are_retried(status: int) -> None:
+    with LoopbackUpstream(tokens=TOKENS, fault=Fault(status=status, times=2)) as up:
+        send, result = await run(source(up, max_retries=2))
+        attempts = len(up.requests)
+    assert attempts == 3 and result.outcome == "complete" and send.text == "".join(TOKENS)
+
+
+async def test_retry_after_is_honoured() -> None:
+    with LoopbackUpstream(tokens=TOKENS, fault=Fault(status=429, retry_after=0.4, times=1)) as up:
+        await run(source(up))
+        gap = up.requests[1].received_at - up.requests[0].received_at
+    assert gap >= 0.4
+
+
+async def test_retries_stop_before_the_deadline() -> None:
+    with LoopbackUpstream(tokens=TOKENS, fault=Fault(status=429, retry_after=5)) as up:
+        started = time.monotonic()
+        send, result = await run(source(up, max_retries=5), deadline_in=1.0)
+        elapsed = time.monotonic() - started
+        attempts = len(up.requests)
+    assert attempts == 1  # a 5 s wait cannot fit in a 1 s budget: give up at once
+    assert result.outcome == "error" and send.messages == [] and elapsed < 0.5
+    assert "HTTP 429" in str(result.error)
+
+
+async def test_auth_error_is_not_retried_and_is_log_safe() -> None:
+    with LoopbackUpstream(tokens=TOKENS, fault=Fault(status=401)) as up:
+        _, result = await run(source(up, max_retries=3))
+        attempts = len(up.requests)
+    assert attempts == 1 and isinstance(result.error, UpstreamError)
+    assert "401" in str(result.error) and "sk-test-secret" not in str(result.error)
+
+
+async def test_connection_refused_is_an_upstream_error() -> None:
+    up = LoopbackUpstream(tokens=TOKENS).start()
+    up.stop()  # nothing listens there any more
+    _, result = await run(source(up, max_retries=1))
+    assert result.outcome == "error" and "ConnectionError" in str(result.error)
+
+
+async def test_mid_stream_drop_is_not_retried_and_keeps_the_text_sent() -> None:
+    with LoopbackUpstream(tokens=TOKENS, fault=Fault(drop_after=6)) as up:
+        send, result = await run(source(up, max_retries=3), batch=4)
+        attempts = len(up.requests)
+    assert attempts == 1  # a retry would repeat text already streamed
+    assert result.outcome == "error" and send.text == "".join(TOKENS[:6])
+
+
+async def test_deadline_closes_the_upstream_request() -> None:
+    with LoopbackUpstream(tokens=TOKENS, interval=0.1) as up:
+        send, result = await run(source(up), deadline_in=0.45, batch=50)
+        for _ in range(100):
+            if up.requests[0].disconnected:
+                break
+            await asyncio.sleep(0.01)
+        recorded = up.requests[0]
+    assert result.outcome == "deadline" and 2 <= result.tokens <= 5
+    assert send.text == "".join(TOKENS[: result.tokens])  # flushed although under one batch
+    assert recorded.disconnected and not recorded.finished

@@ -17,6 +17,7 @@ from openai_miner.miner import OpenAIMiner
 from openai_miner.sources.base import TokenSource
 
 NETUID = 1
+RECORDING_KEY = os.environ.get("OPENAI_API_KEY")  # read before tests hide it; used only to record
 os.environ["HF_HUB_OFFLINE"] = "1"  # no model hub here: local models load from disk only
 
 
@@ -98,3 +99,64 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     from tests.tiny_model import TEMPLATE, build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), TEMPLATE))
+
+
+def pytest_recording_configure(config: pytest.Config, vcr) -> None:
+    from tests.cassettes import json_body
+
+    vcr.register_matcher("json_body", json_body)
+
+
+@pytest.fixture(scope="module")
+def vcr_config() -> dict:
+    from tests.cassettes import SECRET_HEADERS, scrub_response
+
+    return {
+        "match_on": ["method", "path", "json_body"],
+        "filter_headers": SECRET_HEADERS,
+        "before_record_response": scrub_response,
+        "decode_compressed_response": True,
+    }
+
+
+@pytest.fixture(scope="module")
+def vcr_cassette_dir() -> str:
+    from tests.cassettes import CASSETTES
+
+    return str(CASSETTES)
+
+
+@pytest.fixture
+def default_cassette_name(request: pytest.FixtureRequest) -> str:
+    """One cassette per test function, shared by all its parameters."""
+    return request.node.originalname
+
+
+@pytest.fixture
+def cassette_upstream(record_mode: str) -> Iterator[Callable[..., tuple[str, str]]]:
+    """``upstream(rejects_key=False) -> (base_url, api_key)`` for cassette tests.
+
+    Replaying (``--record-mode=none``, the default) the host is never contacted. Recording, it is
+    ``CASSETTE_BASE_URL`` if set, else OpenAI itself when ``OPENAI_API_KEY`` is set, else a loopback
+    server speaking OpenAI's streaming format. ``rejects_key`` records an authentication failure.
+    """
+    from contextlib import ExitStack
+
+    from openai_miner.loopback import Fault, LoopbackUpstream
+
+    words = "Paris is the capital of France.\nIt lies on the Seine; ~2.1 million people live there.".split(" ")
+    tokens = [word + " " for word in words[:-1]] + [words[-1]]
+
+    with ExitStack() as stack:
+
+        def upstream(rejects_key: bool = False) -> tuple[str, str]:
+            if record_mode == "none":
+                return "https://api.openai.com/v1", "sk-replay-only"
+            if os.environ.get("CASSETTE_BASE_URL") or RECORDING_KEY:
+                base_url = os.environ.get("CASSETTE_BASE_URL", "https://api.openai.com/v1")
+                return base_url, "sk-invalid" if rejects_key else (RECORDING_KEY or "sk-loopback")
+            fault = Fault(status=401) if rejects_key else None
+            up = stack.enter_context(LoopbackUpstream(tokens=tokens, fault=fault))
+            return up.base_url, "sk-loopback"
+
+        yield upstream

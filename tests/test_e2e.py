@@ -58,3 +58,56 @@ async def test_no_api_key_answers_from_the_local_model(serve_miner, validator, t
     assert answer.status == 200
     assert answer.text.strip() and answer.text == answer.synapse.completion
     assert miner.source.answered == {"local": 1}
+
+
+async def test_sixteen_concurrent_streams_take_about_as_long_as_one(serve_miner, chain, wallets) -> None:
+    """The drain never blocks the axon's loop (SN1's miner took ~N times as long for N streams)."""
+    from openai_miner.chain import register_mock_neuron
+    from openai_miner.loopback import LoopbackUpstream
+
+    validators = [wallets(f"v{i}") for i in range(16)]
+    for wallet in validators:
+        register_mock_neuron(
+            chain, 1, wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address,
+            stake=10.0, validator_permit=True,
+        )
+    tokens = [f"t{i} " for i in range(20)]
+    with LoopbackUpstream(tokens=tokens, interval=0.04) as up:
+        miner = serve_miner("--openai.base_url", up.base_url, "--fallback.off", "--neuron.streaming_batch_size", "3")
+        dendrites = [bt.Dendrite(wallet=wallet) for wallet in validators]
+        try:
+            single = await ask(dendrites[0], miner.axon, ["user"], ["warm up"])
+            single = await ask(dendrites[0], miner.axon, ["user"], ["one"])
+            one = single.ended - single.started
+            started = asyncio.get_running_loop().time()
+            answers = await asyncio.gather(
+                *(ask(d, miner.axon, ["user"], [f"q{i}"]) for i, d in enumerate(dendrites))
+            )
+            many = asyncio.get_running_loop().time() - started
+        finally:
+            for dendrite in dendrites:
+                await dendrite.aclose_session()
+    assert all(a.status == 200 and a.text == "".join(tokens) for a in answers)
+    print(f"\none stream {one:.3f}s, 16 concurrent {many:.3f}s, ratio {many / one:.2f}")
+    assert many < 1.6 * one
+
+
+async def test_api_key_never_logged_or_shown(serve_miner, validator, caplog, monkeypatch) -> None:
+    from openai_miner.loopback import Fault, LoopbackUpstream
+
+    secret = "sk-test-5ecret-never-shown"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    bt.logging.set_debug(True)
+    try:
+        with LoopbackUpstream(tokens=["hi"], fault=Fault(status=401)) as up, caplog.at_level("DEBUG"):
+            miner = serve_miner("--openai.base_url", up.base_url, "--fallback.off")
+            async with bt.Dendrite(wallet=validator) as dendrite:
+                answer = await ask(dendrite, miner.axon, ["user"], ["hello"])
+            sent = up.requests[0].headers["authorization"]
+    finally:
+        bt.logging.set_debug(False)
+    assert answer.status == 200 and answer.text == ""  # upstream refused: a clean, empty answer
+    assert "401" in caplog.text
+    assert sent == f"Bearer {secret}"  # the key is used...
+    shown = caplog.text + repr(vars(miner)) + str(miner.config) + repr(miner.source.model) + miner.backend()
+    assert secret not in shown  # ...and never shown

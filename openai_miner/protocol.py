@@ -4,6 +4,7 @@ The class name is the axon route, and the fields are SN1's, so SN1 validators ta
 unchanged. Newer validators send ``task_name``, ``target_model`` and ``seed``; they are accepted.
 """
 
+import asyncio
 import codecs
 import json
 from typing import AsyncIterator, ClassVar, List, Optional
@@ -11,6 +12,34 @@ from typing import AsyncIterator, ClassVar, List, Optional
 import bittensor as bt
 import pydantic
 from aiohttp import ClientResponse
+from starlette.types import Receive, Scope, Send
+
+
+class DisconnectAwareResponse(bt.StreamingSynapse.BTStreamingResponse):
+    """Bittensor's streaming response, stopped as soon as the validator hangs up.
+
+    The axon never says when a client leaves (uvicorn silently drops later sends), so a miner
+    would keep paying for tokens nobody reads. This listens for ASGI's ``http.disconnect`` beside
+    the stream and cancels the token streamer on it, which cancels the upstream request.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stream = asyncio.ensure_future(self.stream_response(send))
+        watch = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({stream, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stream.cancel()
+            watch.cancel()
+        if stream.done() and not stream.cancelled():
+            stream.result()  # re-raise what the streamer raised
+        else:
+            bt.logging.debug("validator disconnected: stream cancelled")
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class StreamPromptingSynapse(bt.StreamingSynapse):
@@ -31,6 +60,8 @@ class StreamPromptingSynapse(bt.StreamingSynapse):
     target_model: Optional[str] = pydantic.Field(None, title="Target model")
     seed: Optional[int] = pydantic.Field(None, title="Seed")
     _error_body: Optional[str] = pydantic.PrivateAttr(None)
+
+    BTStreamingResponse: ClassVar[type] = DisconnectAwareResponse
 
     async def process_streaming_response(
         self, response: ClientResponse

@@ -111,3 +111,33 @@ async def test_api_key_never_logged_or_shown(serve_miner, validator, caplog, mon
     assert sent == f"Bearer {secret}"  # the key is used...
     shown = caplog.text + repr(vars(miner)) + str(miner.config) + repr(miner.source.model) + miner.backend()
     assert secret not in shown  # ...and never shown
+
+
+async def test_validator_hanging_up_closes_the_upstream_request(serve_miner, validator) -> None:
+    """Checked on the upstream's side: the miner stops pulling tokens nobody will read."""
+    import aiohttp
+
+    from openai_miner.loopback import LoopbackUpstream
+    from openai_miner.protocol import StreamPromptingSynapse
+
+    with LoopbackUpstream(tokens=[f"t{i} " for i in range(200)], interval=0.05) as up:
+        miner = serve_miner("--openai.base_url", up.base_url, "--fallback.off", "--neuron.streaming_batch_size", "1")
+        dendrite = bt.Dendrite(wallet=validator)
+        synapse = dendrite.preprocess_synapse_for_request(
+            miner.axon.info(), StreamPromptingSynapse(roles=["user"], messages=["talk long"]), 30
+        )
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(
+                f"http://127.0.0.1:{miner.axon.port}/StreamPromptingSynapse",
+                headers=synapse.to_headers(), json=synapse.model_dump(),
+            )
+            assert await response.content.readany() == b"t0 "
+            response.close()  # the validator hangs up after the first chunk
+        left = asyncio.get_running_loop().time()
+        while not up.requests[0].disconnected and asyncio.get_running_loop().time() - left < 3:
+            await asyncio.sleep(0.01)
+        recorded = up.requests[0]
+        await dendrite.aclose_session()
+    assert recorded.disconnected and not recorded.finished
+    assert recorded.ended_at - left < 0.5
+    assert len(recorded.token_times) < 20  # of 200: it stopped, it did not run to the end

@@ -5,7 +5,10 @@ the operator relaxes that; whitelisted hotkeys are always allowed. Pure function
 :class:`~openai_miner.chain.Registry` snapshot, so they cost microseconds per request.
 """
 
+import time
+from collections import defaultdict, deque
 from dataclasses import dataclass
+from typing import Callable
 
 from openai_miner.chain import Registry
 
@@ -40,3 +43,28 @@ def priority(hotkey: str | None, registry: Registry) -> float:
     """Higher stake is served first when the axon is busy; unknown hotkeys last."""
     neuron = registry.get(hotkey)
     return neuron.stake if neuron else 0.0
+
+
+class RateLimiter:
+    """At most ``per_minute`` requests per hotkey in any 60 s window (0 turns it off).
+
+    Checked only after the axon has verified the request's signature: the blacklist sees an
+    unverified hotkey, and limiting there would let anyone spend a real validator's allowance.
+    """
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self._clock = clock
+        self._seen: defaultdict[str, deque[float]] = defaultdict(deque)
+
+    def allow(self, hotkey: str) -> bool:
+        if self.per_minute <= 0:
+            return True
+        now = self._clock()
+        recent = self._seen[hotkey]
+        while recent and recent[0] <= now - 60.0:
+            recent.popleft()
+        if len(recent) >= self.per_minute:
+            return False
+        recent.append(now)
+        return True

@@ -8,6 +8,7 @@ environment. The result is a ``bt.Config`` tree, which bittensor's classes take 
 
 import argparse
 import os
+import stat
 from typing import Any, Iterable, Mapping, Sequence
 
 import bittensor as bt
@@ -57,8 +58,14 @@ def read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
     try:
         with open(path, encoding="utf-8") as stream:
             values = dotenv_values(stream=stream)
+        mode = os.stat(path).st_mode
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {os.fspath(path)}: {exc}") from exc
+    if values.get("OPENAI_API_KEY") and mode & 0o077:
+        bt.logging.warning(
+            f"{os.fspath(path)} holds OPENAI_API_KEY and other users can read it "
+            f"(mode {stat.filemode(mode)}): chmod 600 {os.fspath(path)}"
+        )
     return {key: value for key, value in values.items() if value is not None}
 
 

@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import bittensor as bt
 from bittensor.core.errors import SynapseException
 
-from openai_miner.access import AccessPolicy
+from openai_miner.access import AccessPolicy, RateLimiter
 from openai_miner.access import blacklist as decide_blacklist
 from openai_miner.access import priority as stake_priority
 from openai_miner.chain import Registry, fetch_registry, mock_subtensor, register_mock_neuron
@@ -152,6 +152,7 @@ class Miner(abc.ABC):
         )
         self.registry: Registry = fetch_registry(self.subtensor, netuid)
         self.recent_prompts = RecentPrompts(self.config.neuron.prompt_cache_seconds)
+        self.rate_limiter = RateLimiter(self.config.blacklist.max_requests_per_minute)
         self.axon = axon or bt.Axon(
             wallet=self.wallet,
             config=self.config,
@@ -226,6 +227,11 @@ class Miner(abc.ABC):
             "--blacklist.min_stake", type=float, default=0.0,
             help="Refuse hotkeys with less stake than this (TAO).",
         )
+        parser.add_argument(
+            "--blacklist.max_requests_per_minute", type=int, default=600,
+            help="Requests one hotkey may make per minute before getting HTTP 429 (0 = no limit; "
+            "whitelisted hotkeys are not limited).",
+        )
 
     # -- what subclasses implement --------------------------------------------------------------
 
@@ -240,7 +246,13 @@ class Miner(abc.ABC):
     # -- what the axon calls --------------------------------------------------------------------
 
     def _prompt(self, synapse: StreamPromptingSynapse) -> StreamingResponse:
-        """The axon's entry point: refuse a recent repeat, then :meth:`forward`."""
+        """The axon's entry point, after signature checks: rate limit, refuse a recent repeat, forward."""
+        hotkey = synapse.dendrite.hotkey if synapse.dendrite else None
+        if hotkey not in self.policy.whitelist and not self.rate_limiter.allow(hotkey or ""):
+            raise refuse(
+                synapse, 429,
+                f"more than {self.rate_limiter.per_minute} requests in a minute from this hotkey",
+            )
         if not self.recent_prompts.check_and_remember(synapse.messages):
             raise refuse(
                 synapse, 429,

@@ -48,3 +48,23 @@ def test_recent_prompts_refuses_repeat_within_window() -> None:
 def test_recent_prompts_off_by_default() -> None:
     cache = RecentPrompts(0.0)
     assert cache.check_and_remember(["x"]) and cache.check_and_remember(["x"])
+
+
+def test_rate_limit_per_hotkey_sliding_minute() -> None:
+    from openai_miner.access import RateLimiter
+
+    now = [0.0]
+    limiter = RateLimiter(3, clock=lambda: now[0])
+    assert [limiter.allow("a") for _ in range(4)] == [True, True, True, False]
+    assert limiter.allow("b")  # one hotkey cannot spend another's allowance
+    now[0] = 59.9
+    assert not limiter.allow("a")
+    now[0] = 60.1
+    assert limiter.allow("a")
+
+
+def test_rate_limit_off() -> None:
+    from openai_miner.access import RateLimiter
+
+    limiter = RateLimiter(0)
+    assert all(limiter.allow("a") for _ in range(1000))

@@ -95,3 +95,17 @@ def test_unreadable_dotenv_is_a_clear_error(tmp_path: Path) -> None:
 def test_str_to_bool_rejects_garbage() -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         str_to_bool("perhaps")
+
+
+def test_world_readable_dotenv_with_a_key_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("OPENAI_API_KEY=sk-abc\n")
+    dotenv.chmod(0o644)
+    with caplog.at_level("WARNING"):
+        assert layered_env({}, dotenv)["OPENAI_API_KEY"] == "sk-abc"
+    assert "chmod 600" in caplog.text and "sk-abc" not in caplog.text
+    caplog.clear()
+    dotenv.chmod(0o600)
+    with caplog.at_level("WARNING"):
+        layered_env({}, dotenv)
+    assert "chmod 600" not in caplog.text

@@ -141,3 +141,17 @@ async def test_validator_hanging_up_closes_the_upstream_request(serve_miner, val
     assert recorded.disconnected and not recorded.finished
     assert recorded.ended_at - left < 0.5
     assert len(recorded.token_times) < 20  # of 200: it stopped, it did not run to the end
+
+
+async def test_one_hotkey_is_rate_limited_after_its_signature_is_checked(serve_miner, validator, wallets, chain) -> None:
+    from openai_miner.chain import register_mock_neuron
+
+    other = wallets("other-validator")
+    register_mock_neuron(chain, 1, other.hotkey.ss58_address, other.coldkeypub.ss58_address, stake=5.0, validator_permit=True)
+    miner = serve_miner("--blacklist.max_requests_per_minute", "2", source=FakeSource(["ok"]))
+    async with bt.Dendrite(wallet=validator) as greedy, bt.Dendrite(wallet=other) as polite:
+        answers = [await ask(greedy, miner.axon, ["user"], [f"q{i}"]) for i in range(3)]
+        fine = await ask(polite, miner.axon, ["user"], ["q"])
+    assert [a.status for a in answers] == [200, 200, 429]
+    assert "requests in a minute" in answers[2].synapse.dendrite.status_message and answers[2].text == ""
+    assert fine.status == 200 and fine.text == "ok"

@@ -9,7 +9,7 @@ No ``from __future__ import annotations``: see :mod:`openai_miner.neuron`.
 
 import argparse
 import time
-from typing import MutableMapping
+from typing import TYPE_CHECKING, MutableMapping
 
 import bittensor as bt
 from pydantic import SecretStr
@@ -22,6 +22,9 @@ from openai_miner.protocol import StreamPromptingSynapse
 from openai_miner.sources.base import TokenSource
 from openai_miner.sources.openai import OpenAISource, chat_openai
 from openai_miner.streaming import Send, StreamResult, stream_answer, stream_deadline
+
+if TYPE_CHECKING:
+    from openai_miner.sources.local import LocalSource
 
 
 class OpenAIMiner(Miner):
@@ -40,7 +43,7 @@ class OpenAIMiner(Miner):
         super().__init__(config, wallet=wallet, subtensor=subtensor, axon=axon)
         key = api_key or layered_env().get("OPENAI_API_KEY") or None
         self._api_key = SecretStr(key) if key else None
-        self.source: TokenSource = source or self.build_source()
+        self.source, self._backend = (source, source.name) if source else self.build_source()
 
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
@@ -94,9 +97,11 @@ class OpenAIMiner(Miner):
         add_bool(parser, "--fallback.preload", default=False, help="Load the local model at start, not on first use.")
         add_bool(parser, "--fallback.off", default=False, help="Never answer from a local model.")
 
-    def build_source(self) -> TokenSource:
-        """The upstream (if there is a key or a custom server), the local model, or both."""
-        primary = self.openai_source() if self._api_key or self.config.openai.base_url else None
+    def build_source(self) -> tuple[TokenSource, str]:
+        """The upstream (with a key or a custom server), the local model, or both; and a description."""
+        settings = self.config.openai
+        primary = self.openai_source() if self._api_key or settings.base_url else None
+        upstream = f"openai {settings.model_name} at {settings.base_url or 'api.openai.com'}"
         local = None if self.config.fallback.off else self.local_source(required=primary is None)
         if local is None:
             if primary is None:
@@ -104,18 +109,22 @@ class OpenAIMiner(Miner):
                     "nothing can answer: OPENAI_API_KEY is not set and the local fallback is off; "
                     "set the key (or --openai.base_url) or drop --fallback.off"
                 )
-            return primary
+            return primary, upstream
+        described = f"local {local.model} on {local.device}"
         if primary is None:
             bt.logging.warning("OPENAI_API_KEY is not set: answering every request from the local model")
+            described += " (no OPENAI_API_KEY)"
+        else:
+            described = f"{upstream}, falling back to {described}"
         if primary is None or self.config.fallback.preload:
             try:
                 local.load()
             except Exception as error:
                 raise StartupError(f"cannot load the local model {local.model!r}: {error}") from error
         fallback = self.config.fallback
-        return FallbackSource(primary, local, CircuitBreaker(fallback.failures, fallback.cooldown))
+        return FallbackSource(primary, local, CircuitBreaker(fallback.failures, fallback.cooldown)), described
 
-    def local_source(self, *, required: bool) -> TokenSource | None:
+    def local_source(self, *, required: bool) -> "LocalSource | None":
         try:
             from openai_miner.sources.local import LocalSource, default_model
         except ImportError as missing:
@@ -152,15 +161,7 @@ class OpenAIMiner(Miner):
 
     def backend(self) -> str:
         """Which model answers, for the start-up summary (never the key)."""
-        openai = f"{self.config.openai.model_name} at {self.config.openai.base_url or 'OpenAI'}"
-        source = self.source
-        if not isinstance(source, FallbackSource):
-            return f"{source.name} ({openai})" if source.name == "openai" else source.name
-        local = source.local
-        local_text = f"local {getattr(local, 'model', local.name)} on {getattr(local, 'device', '?')}" if local else ""
-        if source.primary is None:
-            return f"{local_text} (no OPENAI_API_KEY)"
-        return f"openai ({openai}), fallback {local_text}" if local else f"openai ({openai})"
+        return self._backend
 
     def chat_messages(self, synapse: StreamPromptingSynapse) -> list:
         try:

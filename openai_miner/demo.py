@@ -1,0 +1,390 @@
+"""``openai-miner demo "prompt"``: one miner and its validators on this machine, one real question.
+
+Everything a validator on subnet 1 would see, with nothing to set up: throwaway wallets (a
+temporary directory, or ``--wallet-dir``), the miner in ``--mock`` mode in this process with its
+axon on 127.0.0.1, the validators registered on the mock chain with a permit and stake, and a real
+``bt.Dendrite`` from each validator's wallet asking ``StreamPromptingSynapse(roles=["user"],
+messages=[prompt])``. The answer is printed as it streams, then a summary: chunks, time to the
+first chunk, total time, status code and which backend answered.
+
+The miner picks its backend as in production: OpenAI when ``OPENAI_API_KEY`` is set (or the
+server of ``--base-url``, which needs no key), the local fallback model otherwise.
+
+Exit codes: 0 every validator got a streamed answer, 1 one did not (the reason is printed),
+2 bad configuration (flag, variable or ``.env``), 3/4/5/6 as ``openai-miner``, 130 interrupted.
+Whatever happens, the axon is stopped and its port released before returning.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, TextIO
+from unittest import mock
+
+import bittensor as bt
+
+from openai_miner.chain import mock_subtensor, register_mock_neuron
+from openai_miner.cli import check_config, stop_miner
+from openai_miner.config import ConfigError, layered_env
+from openai_miner.fallback import FallbackSource
+from openai_miner.miner import OpenAIMiner
+from openai_miner.neuron import StartupError
+from openai_miner.protocol import StreamPromptingSynapse
+
+NETUID = 1
+VALIDATOR_STAKE = 1000.0
+DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
+PREVIEW_CHARS = 60
+INTERRUPTED = 130
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int = _positive(int)
+positive_float = _positive(float)
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if value != 0 and not 1024 < value < 65535:
+        raise argparse.ArgumentTypeError(f"must be 0 (any free port) or between 1025 and 65534, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="openai-miner demo",
+        description=(
+            "Start a throwaway miner (mock chain, axon on 127.0.0.1) and ask it PROMPT from a "
+            "registered validator with a real bittensor Dendrite, printing the answer as it streams. "
+            "Answers from OpenAI when OPENAI_API_KEY is set or --base-url is given, from the local "
+            "fallback model otherwise."
+        ),
+        epilog='Example: openai-miner demo "Name three rivers in Europe." --concurrency 4',
+    )
+    parser.add_argument(
+        "prompt", nargs="?", default=DEFAULT_PROMPT, help="What the validator asks (default: %(default)r)."
+    )
+    parser.add_argument(
+        "--base-url", default=None,
+        help="OpenAI-compatible server (vLLM, Ollama, a proxy); no key needed. "
+        "Default: OPENAI_BASE_URL, else OpenAI's API when OPENAI_API_KEY is set.",
+    )
+    parser.add_argument("--model", default=None, help="Chat model name on that server (default: gpt-4o-mini).")
+    parser.add_argument(
+        "--local-model", default=None,
+        help="Local fallback model: Hugging Face id, directory or .gguf file (default: SmolLM2-135M-Instruct).",
+    )
+    parser.add_argument("--no-fallback", action="store_true", help="Never answer from the local model.")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=12, help="Tokens per streamed chunk (default: %(default)s)."
+    )
+    parser.add_argument(
+        "--timeout", type=positive_float, default=60.0,
+        help="The validator's timeout in seconds, for the whole stream (default: %(default)g; CPU is slow).",
+    )
+    parser.add_argument(
+        "--concurrency", type=positive_int, default=1,
+        help="Validators asking at once, each with its own wallet; above 1, one line per answer "
+        "(default: %(default)s).",
+    )
+    parser.add_argument(
+        "--max-tokens", type=positive_int, default=None,
+        help="Most tokens in the answer, upstream and local (default: the miner's, 1024 and 256).",
+    )
+    parser.add_argument(
+        "--wallet-dir", default=None,
+        help="Keep the demo wallets here (created if missing) instead of a temporary directory.",
+    )
+    parser.add_argument("--port", type=port_number, default=0, help="Axon port (default: 0, any free port).")
+    parser.add_argument("--verbose", action="store_true", help="Bittensor and miner debug logging.")
+    return parser
+
+
+@dataclass
+class Answer:
+    """What one validator saw."""
+
+    index: int
+    hotkey: str
+    chunks: list[str] = field(default_factory=list)
+    first_chunk: float | None = None  # seconds after the request left
+    total: float = 0.0
+    status: int | None = None
+    message: str = ""
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and bool(self.text.strip())
+
+    def problem(self, timeout: float) -> str:
+        if self.ok:
+            return ""
+        if self.status == 408:
+            got = f"{len(self.chunks)} chunks arrived" if self.chunks else "nothing arrived"
+            return f"timed out after {timeout:g}s ({got}): raise --timeout or lower --max-tokens"
+        if self.status == 200:
+            return "the miner answered with nothing (did its upstream fail? --verbose shows the miner's log)"
+        return f"status {self.status}: {self.message or 'no message'}"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def make_wallet(path: str, name: str) -> bt.Wallet:
+    wallet = bt.Wallet(name=name, hotkey="default", path=path)
+    if not (wallet.coldkeypub_file.exists_on_device() and wallet.hotkey_file.exists_on_device()):
+        # (asked when the keys exist, it prints "already exists" even with suppress=True)
+        wallet.create_if_non_existent(coldkey_use_password=False, hotkey_use_password=False, suppress=True)
+    return wallet
+
+
+def miner_argv(args: argparse.Namespace, wallet_dir: str, port: int) -> list[str]:
+    """The miner's flags: the demo's choices, plus fixed ones so stray variables cannot break it."""
+    argv = [
+        "--mock", "--netuid", str(NETUID),
+        "--wallet.path", wallet_dir, "--wallet.name", "demo-miner", "--wallet.hotkey", "default",
+        "--axon.port", str(port), "--axon.external_ip", "127.0.0.1",
+        "--neuron.streaming_batch_size", str(args.batch_size),
+        "--neuron.prompt_cache_seconds", "0",  # the validators all ask the same thing
+        "--blacklist.allow_non_registered", "false", "--blacklist.force_validator_permit", "true",
+        "--blacklist.min_stake", "0",
+    ]
+    if args.base_url:
+        argv += ["--openai.base_url", args.base_url]
+    if args.model:
+        argv += ["--openai.model_name", args.model]
+    if args.local_model:
+        argv += ["--fallback.model", args.local_model]
+    if args.max_tokens:
+        argv += ["--openai.max_tokens", str(args.max_tokens), "--fallback.max_new_tokens", str(args.max_tokens)]
+    if args.no_fallback:
+        argv += ["--fallback.off"]
+    if args.verbose:
+        argv += ["--logging.debug"]
+    return argv
+
+
+def describe(miner: OpenAIMiner, name: str) -> str:
+    """A backend name from ``FallbackSource.answered`` in words."""
+    config = miner.config
+    if name == "openai":
+        return f"openai ({config.openai.model_name} at {config.openai.base_url or 'OpenAI'})"
+    source = miner.source
+    local = source.local if isinstance(source, FallbackSource) else source
+    if name == "local" and local is not None and hasattr(local, "model"):
+        return f"local ({os.path.basename(str(local.model))} on {getattr(local, 'device', '?')})"
+    return name
+
+
+def answered_by(miner: OpenAIMiner, before: Counter) -> str:
+    source = miner.source
+    if not isinstance(source, FallbackSource):
+        return describe(miner, source.name)
+    counts = source.answered - before
+    if not counts:  # cut at the deadline or failed: the source never finished an answer
+        if source.primary is None and source.local is not None:
+            return f"{describe(miner, source.local.name)}, unfinished"
+        return f"unknown: no answer finished ({miner.backend()})"
+    if len(counts) == 1 and sum(counts.values()) == 1:
+        return describe(miner, next(iter(counts)))
+    return ", ".join(f"{describe(miner, name)} x{count}" for name, count in counts.most_common())
+
+
+async def ask(
+    wallet: bt.Wallet,
+    axon: bt.AxonInfo,
+    prompt: str,
+    timeout: float,
+    index: int,
+    on_chunk: Callable[[str], None] | None = None,
+) -> Answer:
+    answer = Answer(index=index, hotkey=wallet.hotkey.ss58_address)
+    synapse = StreamPromptingSynapse(roles=["user"], messages=[prompt])
+    async with bt.Dendrite(wallet=wallet) as dendrite:
+        started = time.monotonic()
+        responses = await dendrite.forward(
+            axons=[axon], synapse=synapse, timeout=timeout, deserialize=False, streaming=True
+        )
+        async for item in responses[0]:
+            if isinstance(item, StreamPromptingSynapse):
+                answer.status = _int(item.dendrite.status_code) if item.dendrite else None
+                answer.message = (item.dendrite.status_message if item.dendrite else "") or ""
+                continue
+            if answer.first_chunk is None:
+                answer.first_chunk = time.monotonic() - started
+            answer.chunks.append(item)
+            if on_chunk is not None:
+                on_chunk(item)
+        answer.total = time.monotonic() - started
+    return answer
+
+
+def _int(value: object) -> int | None:
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s"
+
+
+def summary_line(answer: Answer) -> str:
+    return (
+        f"chunks {len(answer.chunks)} | first chunk {_seconds(answer.first_chunk)} | "
+        f"total {_seconds(answer.total)} | status {answer.status}"
+    )
+
+
+def compact_line(answer: Answer, count: int) -> str:
+    preview = " ".join(answer.text.split())
+    if len(preview) > PREVIEW_CHARS:
+        preview = preview[: PREVIEW_CHARS - 1] + "…"
+    width = len(str(count))
+    return f"[{answer.index + 1:>{width}}/{count}] {summary_line(answer)} | {preview!r}"
+
+
+async def ask_all(
+    validators: Sequence[bt.Wallet], axon: bt.AxonInfo, prompt: str, timeout: float, out: TextIO
+) -> list[Answer]:
+    if len(validators) == 1:
+        def show(chunk: str) -> None:
+            out.write(chunk)
+            out.flush()
+
+        answer = await ask(validators[0], axon, prompt, timeout, 0, show)
+        out.write("\n")
+        out.flush()
+        return [answer]
+
+    async def one(index: int, wallet: bt.Wallet) -> Answer:
+        answer = await ask(wallet, axon, prompt, timeout, index)
+        print(compact_line(answer, len(validators)), file=out, flush=True)
+        return answer
+
+    return list(await asyncio.gather(*(one(i, w) for i, w in enumerate(validators))))
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """The demo; returns its exit code. Never leaves the axon running."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    with contextlib.ExitStack() as stack:
+        # Offline: bittensor would ask the internet for this machine's public IP.
+        stack.enter_context(mock.patch("bittensor.utils.networking.get_external_ip", return_value="127.0.0.1"))
+        miner: OpenAIMiner | None = None
+        try:
+            if args.wallet_dir:
+                wallet_dir = os.path.abspath(os.path.expanduser(args.wallet_dir))
+            else:
+                wallet_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="openai-miner-demo-"))
+            env = layered_env()
+            port = args.port or free_port()
+            config = OpenAIMiner.config(miner_argv(args, wallet_dir, port), env=env)
+            check_config(config)
+            validators = [make_wallet(wallet_dir, f"demo-validator-{i}") for i in range(args.concurrency)]
+            chain = mock_subtensor(NETUID)
+            for wallet in validators:
+                register_mock_neuron(
+                    chain, NETUID, wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address,
+                    stake=VALIDATOR_STAKE, validator_permit=True,
+                )
+            local_first = not env.get("OPENAI_API_KEY") and not config.openai.base_url
+            if local_first and not config.fallback.off:
+                print("no OPENAI_API_KEY: loading local model… (CPU: about 20 s)", file=out, flush=True)
+            loading = time.monotonic()
+            miner = OpenAIMiner(config, subtensor=chain)
+            if local_first and not config.fallback.off:
+                print(f"loaded in {time.monotonic() - loading:.1f}s", file=out, flush=True)
+            miner.run_in_background_thread()
+            print(
+                f"miner {miner.wallet.hotkey.ss58_address} on 127.0.0.1:{port} (mock chain) | "
+                f"backend {miner.backend()} | batch {config.neuron.streaming_batch_size} tokens",
+                file=out, flush=True,
+            )
+            who = (
+                f"validator {validators[0].hotkey.ss58_address}"
+                if len(validators) == 1 else f"{len(validators)} validators"
+            )
+            print(f"{who} ask (timeout {args.timeout:g}s): {args.prompt}", file=out, flush=True)
+            print("", file=out, flush=True)
+            before = Counter(miner.source.answered) if isinstance(miner.source, FallbackSource) else Counter()
+            started = time.monotonic()
+            answers = asyncio.run(ask_all(validators, miner.axon.info(), args.prompt, args.timeout, out))
+            wall = time.monotonic() - started
+            backend = answered_by(miner, before)
+            print("---", file=out)
+            if len(answers) == 1:
+                print(f"{summary_line(answers[0])} | backend {backend}", file=out, flush=True)
+            else:
+                good = sum(answer.ok for answer in answers)
+                print(
+                    f"{good}/{len(answers)} answered | wall time {wall:.2f}s | backend {backend}",
+                    file=out, flush=True,
+                )
+            failed = [answer for answer in answers if not answer.ok]
+            for answer in failed:
+                print(
+                    f"openai-miner demo: validator {answer.index + 1} got no answer: {answer.problem(args.timeout)}",
+                    file=err, flush=True,
+                )
+            late = [a for a in answers if a.ok and a.total >= args.timeout - 1.0]
+            if late:
+                print(
+                    f"note: {len(late)} answer(s) ended near the {args.timeout:g}s timeout, probably cut "
+                    "short: raise --timeout or lower --max-tokens",
+                    file=err, flush=True,
+                )
+            return 1 if failed else 0
+        except ConfigError as error:
+            print(f"openai-miner demo: configuration error: {error}", file=err, flush=True)
+            return 2
+        except StartupError as error:
+            print(f"openai-miner demo: {error}", file=err, flush=True)
+            return error.exit_code
+        except KeyboardInterrupt:
+            print("\nopenai-miner demo: interrupted", file=err, flush=True)
+            return INTERRUPTED
+        finally:
+            if miner is not None:
+                stop_miner(miner)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

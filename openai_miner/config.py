@@ -9,7 +9,7 @@ environment. The result is a ``bt.Config`` tree, which bittensor's classes take 
 import argparse
 import os
 import stat
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import bittensor as bt
 from dotenv import dotenv_values
@@ -38,6 +38,24 @@ def str_to_bool(value: str | bool) -> bool:
     if text in FALSE:
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false, 1/0, yes/no), got {value!r}")
+
+
+def at_least(low: float, kind: Callable[[str], Any] = int, *, inclusive: bool = True) -> Callable[[str], Any]:
+    """An argparse type for a number with a floor, so a bad flag or variable fails at parse time."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if value < low or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(
+                f"must be {'at least' if inclusive else 'greater than'} {low:g}, got {text}"
+            )
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def add_bool(parser: argparse.ArgumentParser, *flags: str, default: bool, help: str) -> None:
@@ -132,4 +150,7 @@ def build_config(
     """
     apply_env(parser, layered_env() if env is None else env)
     namespace = parser.parse_args(argv)
+    port = getattr(namespace, "axon.port", None)
+    if port is not None and not 1024 < port < 65535:  # bittensor would fail with a bare assert
+        raise ConfigError(f"--axon.port (or AXON_PORT) is {port}: it must be between 1025 and 65534")
     return bt.Config(parser=None, default=to_tree(vars(namespace)))

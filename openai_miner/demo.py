@@ -31,8 +31,7 @@ from unittest import mock
 import bittensor as bt
 
 from openai_miner.chain import mock_subtensor, register_mock_neuron
-from openai_miner.cli import check_config, stop_miner
-from openai_miner.config import ConfigError, layered_env
+from openai_miner.config import ConfigError, at_least, layered_env
 from openai_miner.fallback import FallbackSource
 from openai_miner.miner import OpenAIMiner
 from openai_miner.neuron import StartupError
@@ -43,24 +42,6 @@ VALIDATOR_STAKE = 1000.0
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 PREVIEW_CHARS = 60
 INTERRUPTED = 130
-
-
-def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-positive_int = _positive(int)
-positive_float = _positive(float)
 
 
 def port_number(text: str) -> int:
@@ -99,19 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-fallback", action="store_true", help="Never answer from the local model.")
     parser.add_argument(
-        "--batch-size", type=positive_int, default=12, help="Tokens per streamed chunk (default: %(default)s)."
+        "--batch-size", type=at_least(1), default=12, help="Tokens per streamed chunk (default: %(default)s)."
     )
     parser.add_argument(
-        "--timeout", type=positive_float, default=60.0,
+        "--timeout", type=at_least(0, float, inclusive=False), default=60.0,
         help="The validator's timeout in seconds, for the whole stream (default: %(default)g; CPU is slow).",
     )
     parser.add_argument(
-        "--concurrency", type=positive_int, default=1,
+        "--concurrency", type=at_least(1), default=1,
         help="Validators asking at once, each with its own wallet; above 1, one line per answer "
         "(default: %(default)s).",
     )
     parser.add_argument(
-        "--max-tokens", type=positive_int, default=None,
+        "--max-tokens", type=at_least(1), default=None,
         help="Most tokens in the answer, upstream and local (default: the miner's, 1024 and 256).",
     )
     parser.add_argument(
@@ -312,7 +293,6 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             env = layered_env()
             port = args.port or free_port()
             config = OpenAIMiner.config(miner_argv(args, wallet_dir, port), env=env)
-            check_config(config)
             validators = [make_wallet(wallet_dir, f"demo-validator-{i}") for i in range(args.concurrency)]
             chain = mock_subtensor(NETUID)
             for wallet in validators:
@@ -378,7 +358,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             return INTERRUPTED
         finally:
             if miner is not None:
-                stop_miner(miner)
+                miner.stop_run_thread()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

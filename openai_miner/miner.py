@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, MutableMapping
 import bittensor as bt
 from pydantic import SecretStr
 
-from openai_miner.config import add_bool, layered_env
+from openai_miner.config import add_bool, at_least, layered_env
 from openai_miner.fallback import CircuitBreaker, FallbackSource
 from openai_miner.messages import InvalidPrompt, to_chat_messages
 from openai_miner.neuron import Miner, StartupError, StreamingResponse, refuse
@@ -53,11 +53,11 @@ class OpenAIMiner(Miner):
             default="gpt-4o-mini", help="Chat model name, as the server knows it.",
         )
         parser.add_argument(
-            "--openai.temperature", "--neuron.temperature", dest="openai.temperature", type=float,
+            "--openai.temperature", "--neuron.temperature", dest="openai.temperature", type=at_least(0, float),
             default=0.7, help="Sampling temperature.",
         )
         parser.add_argument(
-            "--openai.max_tokens", "--neuron.max_tokens", dest="openai.max_tokens", type=int,
+            "--openai.max_tokens", "--neuron.max_tokens", dest="openai.max_tokens", type=at_least(1),
             default=1024, help="Most tokens in one answer.",
         )
         parser.add_argument(
@@ -65,10 +65,10 @@ class OpenAIMiner(Miner):
             help="OpenAI-compatible server (vLLM, a proxy); default: OpenAI's API.",
         )
         parser.add_argument(
-            "--openai.timeout", type=float, default=30.0, help="Seconds for one upstream request."
+            "--openai.timeout", type=at_least(0, float, inclusive=False), default=30.0, help="Seconds for one upstream request."
         )
         parser.add_argument(
-            "--openai.max_retries", type=int, default=2,
+            "--openai.max_retries", type=at_least(0), default=2,
             help="Retries of a transient upstream error before the first token, within the deadline.",
         )
 
@@ -81,17 +81,17 @@ class OpenAIMiner(Miner):
             "--fallback.device", type=str, default="auto", help="cuda, cpu, cuda:N or auto (cuda when available)."
         )
         parser.add_argument(
-            "--fallback.max_new_tokens", type=int, default=256, help="Most new tokens from the local model."
+            "--fallback.max_new_tokens", type=at_least(1), default=256, help="Most new tokens from the local model."
         )
         parser.add_argument(
-            "--fallback.concurrency", type=int, default=1, help="Local generations at once; others wait."
+            "--fallback.concurrency", type=at_least(1), default=1, help="Local generations at once; others wait."
         )
         parser.add_argument(
-            "--fallback.failures", type=int, default=3,
+            "--fallback.failures", type=at_least(1), default=3,
             help="Consecutive upstream failures after which requests go straight to the local model.",
         )
         parser.add_argument(
-            "--fallback.cooldown", type=float, default=60.0,
+            "--fallback.cooldown", type=at_least(0, float), default=60.0,
             help="Seconds the local model answers alone before the upstream is probed again.",
         )
         add_bool(parser, "--fallback.preload", default=False, help="Load the local model at start, not on first use.")

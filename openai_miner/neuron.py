@@ -10,14 +10,16 @@ annotation objects of ``forward``/``blacklist``/``priority``.
 
 import abc
 import argparse
+import contextlib
 import hashlib
+import os
 import socket
 import threading
 import time
 import typing
 from collections import OrderedDict
 from importlib import resources
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import bittensor as bt
 from bittensor.core.errors import SynapseException
@@ -26,7 +28,7 @@ from openai_miner.access import AccessPolicy, RateLimiter
 from openai_miner.access import blacklist as decide_blacklist
 from openai_miner.access import priority as stake_priority
 from openai_miner.chain import Registry, fetch_registry, mock_subtensor, register_mock_neuron
-from openai_miner.config import add_bool, build_config
+from openai_miner.config import add_bool, at_least, build_config
 from openai_miner.protocol import StreamPromptingSynapse
 
 StreamingResponse = StreamPromptingSynapse.BTStreamingResponse
@@ -52,6 +54,58 @@ class PortBusy(StartupError):
     """Another process holds the axon port (bittensor would fail silently in its thread)."""
 
     exit_code = 4
+
+
+class WalletMissing(StartupError):
+    """The wallet's keys are not on this machine: nothing can be signed, so the miner does not start."""
+
+    exit_code = 5
+
+
+class ChainUnreachable(StartupError):
+    """The subtensor endpoint cannot be reached (offline, wrong ``--subtensor.network``)."""
+
+    exit_code = 6
+
+
+def keys_missing(wallet: bt.Wallet) -> list[str]:
+    return [
+        keyfile.path
+        for keyfile in (wallet.coldkeypub_file, wallet.hotkey_file)
+        if not keyfile.exists_on_device()
+    ]
+
+
+def require_wallet(wallet: bt.Wallet) -> None:
+    """Fail before any chain access when the coldkeypub or hotkey file is not there."""
+    missing = keys_missing(wallet)
+    if not missing:
+        return
+    names = f"--wallet.name {wallet.name} --wallet.hotkey {wallet.hotkey_str}"
+    create = (
+        f"`btcli wallet create {names}`"
+        if not wallet.coldkeypub_file.exists_on_device()
+        else f"`btcli wallet new_hotkey {names}`"
+    )
+    raise WalletMissing(
+        f"wallet {wallet.name}/{wallet.hotkey_str} not found under {os.path.expanduser(wallet.path)} "
+        f"(missing {', '.join(missing)}): create it with {create}, point --wallet.name, "
+        "--wallet.hotkey or --wallet.path at an existing one, or try it offline with --mock"
+    )
+
+
+@contextlib.contextmanager
+def chain_errors(config: bt.Config) -> Iterator[None]:
+    """A chain that cannot be reached (when connecting or serving the axon) is a clear error."""
+    try:
+        yield
+    except ConnectionError as error:
+        network = config.subtensor.network
+        endpoint = config.subtensor.get("chain_endpoint") or network
+        raise ChainUnreachable(
+            f"cannot reach the chain ({network} at {endpoint}): {error}; check the network, "
+            "--subtensor.network / --subtensor.chain_endpoint, or try it offline with --mock"
+        ) from error
 
 
 def refuse(synapse: StreamPromptingSynapse, status: int, reason: str) -> SynapseException:
@@ -104,14 +158,16 @@ def ensure_port_free(port: int) -> None:
             ) from exc
 
 
-def wait_listening(port: int, timeout: float = 10.0) -> None:
+def wait_port(port: int, *, listening: bool, timeout: float) -> bool:
+    """Wait until something accepts connections on ``port`` (or, ``listening=False``, nothing does)."""
     end = time.monotonic() + timeout
-    while time.monotonic() < end:
+    while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
+            if (probe.connect_ex(("127.0.0.1", port)) == 0) is listening:
+                return True
+        if time.monotonic() >= end:
+            return False
         time.sleep(0.02)
-    raise StartupError(f"the axon did not start listening on port {port} within {timeout:.0f}s")
 
 
 class Miner(abc.ABC):
@@ -130,13 +186,15 @@ class Miner(abc.ABC):
             bt.logging.set_config(self.config.logging)
         netuid = self.config.netuid
         self.wallet = wallet or bt.Wallet(config=self.config)
-        if self.config.mock:
+        if self.config.mock and keys_missing(self.wallet):
             self.wallet.create_if_non_existent(
                 coldkey_use_password=False, hotkey_use_password=False, suppress=True
             )
-        self.subtensor = subtensor or (
-            mock_subtensor(netuid) if self.config.mock else bt.Subtensor(config=self.config)
-        )
+        require_wallet(self.wallet)
+        if subtensor is None:
+            with chain_errors(self.config):
+                subtensor = mock_subtensor(netuid) if self.config.mock else bt.Subtensor(config=self.config)
+        self.subtensor = subtensor
         if self.config.mock:
             register_mock_neuron(
                 self.subtensor,
@@ -166,11 +224,18 @@ class Miner(abc.ABC):
 
     @classmethod
     def config(
-        cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+        cls,
+        argv: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        *,
+        epilog: str | None = None,
     ) -> bt.Config:
         """Flags of this class (``add_args``) parsed over the environment and ``.env``."""
         parser = argparse.ArgumentParser(
-            prog="openai-miner", description=cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+            prog="openai-miner",
+            description=cls.__doc__,
+            epilog=epilog,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         )
         cls.add_args(parser)
         return build_config(parser, argv, env)
@@ -181,14 +246,14 @@ class Miner(abc.ABC):
         bt.Subtensor.add_args(parser)
         bt.Axon.add_args(parser)
         bt.logging.add_args(parser)
-        parser.add_argument("--netuid", type=int, default=1, help="Subnet to mine on (1 is prompting).")
+        parser.add_argument("--netuid", type=at_least(0), default=1, help="Subnet to mine on (1 is prompting).")
         add_bool(parser, "--mock", default=False, help="Run on an in-process mock chain: no network, no registration.")
         parser.add_argument(
             "--neuron.system_prompt", type=str, default=default_system_prompt(),
             help="System prompt used unless the validator sends its own.",
         )
         parser.add_argument(
-            "--neuron.streaming_batch_size", type=int, default=12,
+            "--neuron.streaming_batch_size", type=at_least(1), default=12,
             help="Tokens per streamed chunk (SN1 validators penalise chunks over 200 tokens).",
         )
         add_bool(
@@ -196,19 +261,19 @@ class Miner(abc.ABC):
             help="Stop the miner when answering a request fails.",
         )
         parser.add_argument(
-            "--neuron.deadline_margin", type=float, default=0.5,
+            "--neuron.deadline_margin", type=at_least(0, float), default=0.5,
             help="Seconds before the validator's timeout at which the answer so far is flushed.",
         )
         parser.add_argument(
-            "--neuron.max_prompt_chars", type=int, default=100_000,
+            "--neuron.max_prompt_chars", type=at_least(1), default=100_000,
             help="Refuse conversations longer than this many characters.",
         )
         parser.add_argument(
-            "--neuron.prompt_cache_seconds", type=float, default=0.0,
+            "--neuron.prompt_cache_seconds", type=at_least(0, float), default=0.0,
             help="Refuse a conversation repeated within this many seconds (0 = off).",
         )
         parser.add_argument(
-            "--neuron.sync_interval", type=float, default=120.0,
+            "--neuron.sync_interval", type=at_least(0, float, inclusive=False), default=120.0,
             help="Seconds between refreshes of the registered hotkeys and stakes.",
         )
         add_bool(
@@ -224,11 +289,11 @@ class Miner(abc.ABC):
             help="Hotkeys always served.",
         )
         parser.add_argument(
-            "--blacklist.min_stake", type=float, default=0.0,
+            "--blacklist.min_stake", type=at_least(0, float), default=0.0,
             help="Refuse hotkeys with less stake than this (TAO).",
         )
         parser.add_argument(
-            "--blacklist.max_requests_per_minute", type=int, default=600,
+            "--blacklist.max_requests_per_minute", type=at_least(0), default=600,
             help="Requests one hotkey may make per minute before getting HTTP 429 (0 = no limit; "
             "whitelisted hotkeys are not limited).",
         )
@@ -298,9 +363,11 @@ class Miner(abc.ABC):
         ensure_port_free(self.axon.port)
         self.axon.attach(forward_fn=self._prompt, blacklist_fn=self.blacklist, priority_fn=self.priority)
         if not self.config.mock:
-            self.axon.serve(netuid=self.config.netuid, subtensor=self.subtensor)
+            with chain_errors(self.config):
+                self.axon.serve(netuid=self.config.netuid, subtensor=self.subtensor)
         self.axon.start()
-        wait_listening(self.axon.port)
+        if not wait_port(self.axon.port, listening=True, timeout=10.0):
+            raise StartupError(f"the axon did not start listening on port {self.axon.port} within 10s")
         self.is_running = True
         bt.logging.info(f"axon serving on {self.axon.external_ip}:{self.axon.external_port}")
 
@@ -312,8 +379,7 @@ class Miner(abc.ABC):
         except KeyboardInterrupt:
             bt.logging.info("interrupted: stopping")
         finally:
-            self.axon.stop()
-            self.is_running = False
+            self.stop_run_thread()
 
     def run_in_background_thread(self) -> None:
         """Start :meth:`run` in a daemon thread; returns once the axon listens."""
@@ -333,13 +399,23 @@ class Miner(abc.ABC):
         """Ask :meth:`run` (or the background thread) to stop after the current wait."""
         self._exit.set()
 
-    def stop_run_thread(self) -> None:
+    def stop_run_thread(self, grace: float = 1.0) -> None:
+        """Stop serving and return once the axon's port is free.
+
+        uvicorn waits for in-flight answers forever by default; a bounded grace period makes it
+        cancel them, which also cancels their upstream requests and local generations.
+        """
         self._exit.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        if not self.is_running:
+            return
+        self.axon.fast_server.config.timeout_graceful_shutdown = grace
         self.axon.stop()
         self.is_running = False
+        if not wait_port(self.axon.port, listening=False, timeout=grace + 5):
+            bt.logging.warning(f"the axon still listens on port {self.axon.port}")
 
     def __enter__(self) -> "Miner":
         self.run_in_background_thread()

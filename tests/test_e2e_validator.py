@@ -351,15 +351,30 @@ def test_unparsable_flag_exits_2(tmp_path, capsys) -> None:
 
 
 @pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--neuron.streaming_batch_size", "0"], "--neuron.streaming_batch_size: must be at least 1, got 0"),
+        (["--openai.timeout", "-1"], "--openai.timeout: must be greater than 0, got -1"),
+        (["--fallback.concurrency", "0"], "--fallback.concurrency: must be at least 1, got 0"),
+    ],
+)
+def test_flag_values_the_miner_cannot_use_exit_2(tmp_path, capsys, argv, expected) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(miner_argv(tmp_path, *argv))
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert expected in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize(
     ("argv", "env", "expected"),
     [
         (["--axon.port", "80"], {}, "--axon.port (or AXON_PORT) is 80"),
-        (["--neuron.streaming_batch_size", "0"], {}, "--neuron.streaming_batch_size (or NEURON_STREAMING_BATCH_SIZE) is 0"),
-        ([], {"FALLBACK_CONCURRENCY": "0"}, "FALLBACK_CONCURRENCY) is 0"),
-        (["--openai.timeout", "-1"], {}, "must be greater than 0"),
+        ([], {"FALLBACK_CONCURRENCY": "0"}, "FALLBACK_CONCURRENCY='0': must be at least 1"),
+        ([], {"NEURON_STREAMING_BATCH_SIZE": "-3"}, "NEURON_STREAMING_BATCH_SIZE='-3': must be at least 1"),
     ],
 )
-def test_values_the_miner_cannot_use_exit_2(tmp_path, monkeypatch, capsys, argv, env, expected) -> None:
+def test_settings_the_miner_cannot_use_exit_2(tmp_path, monkeypatch, capsys, argv, env, expected) -> None:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert cli.main(miner_argv(tmp_path, *argv)) == 2

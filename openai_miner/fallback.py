@@ -4,7 +4,8 @@ An answer never mixes two models: the local model takes over only if the upstrea
 its first token; a failure after that ends the stream with what was sent. A circuit breaker stops
 paying the upstream's timeouts and retries while it is down: after ``failures`` consecutive
 failures, requests go straight to the local model for ``cooldown`` seconds, then one request
-probes the upstream again. Each switch is logged once.
+probes the upstream again. Each switch is logged once. A :class:`NoAnswer` (a refused or empty
+answer) is answered locally too, but proves the upstream up rather than down.
 """
 
 import asyncio
@@ -15,7 +16,7 @@ from typing import Callable, Sequence
 import bittensor as bt
 from langchain_core.messages import BaseMessage
 
-from openai_miner.sources.base import TokenSource
+from openai_miner.sources.base import NoAnswer, TokenSource
 
 
 class CircuitBreaker:
@@ -103,7 +104,10 @@ class FallbackSource:
                 self.breaker.probing = False  # an abandoned probe proves nothing either way
                 raise
             except Exception as error:
-                self.breaker.failure()
+                if isinstance(error, NoAnswer):
+                    self.breaker.success()  # it answered: this prompt failed, the upstream did not
+                else:
+                    self.breaker.failure()
                 if counted.count or self.local is None or time.monotonic() >= deadline:
                     raise
                 bt.logging.warning(f"upstream failed before its first token ({error}); answering locally")

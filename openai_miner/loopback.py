@@ -34,9 +34,10 @@ class Fault:
     ``status`` answers with that HTTP status and an OpenAI-style error body, with ``Retry-After``
     when ``retry_after`` is set. The rest shape a stream: ``drop_after`` closes the connection
     mid-body once that many tokens are out, ``no_done`` sends every token then idles without
-    finishing until the client leaves or the server stops, and ``malformed_after`` sends a
-    ``data: {not json`` line after that many tokens (fewer than the stream has).
-    ``delay_before_headers`` holds any answer back that many seconds.
+    finishing until the client leaves or the server stops, and ``malformed_after`` sends the
+    ``malformed`` bytes (by default a ``data: {not json`` line) after that many tokens (fewer than
+    the stream has). ``delay_before_headers`` holds any answer back that many seconds, and
+    ``interval`` paces its tokens instead of the server's ``interval`` (a slow upstream).
     """
 
     status: int | None = None
@@ -45,7 +46,9 @@ class Fault:
     drop_after: int | None = None
     no_done: bool = False
     malformed_after: int | None = None
+    malformed: bytes = b"data: {not json\n\n"
     delay_before_headers: float = 0.0
+    interval: float | None = None
 
 
 _NO_FAULT = Fault()
@@ -73,10 +76,12 @@ class LoopbackUpstream:
     """Serves ``POST /v1/chat/completions``, streamed or not, and ``GET /v1/models``.
 
     ``tokens`` is the answer, or a function from the request body to it; each request's
-    ``max_completion_tokens`` (or ``max_tokens``) truncates it. A stream sends its first token
-    ``first_token_delay`` seconds after the role chunk, then one every ``interval`` seconds on a
-    fixed schedule, so a busy loop catches up instead of drifting. An answer that is not streamed
-    takes as long, then comes whole. ``tokens`` and ``fault`` may be reassigned between requests.
+    ``max_completion_tokens`` (or ``max_tokens``) truncates it. ``fault`` may likewise be a
+    function from the body to a :class:`Fault` (or ``None``), so one server can fail each request
+    its own way. A stream sends its first token ``first_token_delay`` seconds after the role chunk,
+    then one every ``interval`` seconds on a fixed schedule, so a busy loop catches up instead of
+    drifting. An answer that is not streamed takes as long, then comes whole. ``tokens`` and
+    ``fault`` may be reassigned between requests.
     """
 
     def __init__(
@@ -85,7 +90,7 @@ class LoopbackUpstream:
         tokens: Sequence[str] | Callable[[dict[str, Any]], Sequence[str]],
         interval: float = 0.0,
         first_token_delay: float = 0.0,
-        fault: Fault | None = None,
+        fault: Fault | Callable[[dict[str, Any]], Fault | None] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -175,7 +180,7 @@ class LoopbackUpstream:
             body, {name.lower(): value for name, value in request.headers.items()}, received_at
         )
         self.requests.append(record)
-        fault = self.fault
+        fault = self.fault(body) if callable(self.fault) else self.fault
         if fault is None or (fault.times is not None and index >= fault.times):
             fault = _NO_FAULT
         self._handlers.add(request.task)
@@ -210,7 +215,8 @@ class LoopbackUpstream:
         }
         if body.get("stream"):
             return await self._stream(request, record, fault, tokens, head)
-        await asyncio.sleep(self.first_token_delay + self.interval * max(len(tokens) - 1, 0))
+        interval = self.interval if fault.interval is None else fault.interval
+        await asyncio.sleep(self.first_token_delay + interval * max(len(tokens) - 1, 0))
         message = {"role": "assistant", "content": "".join(tokens), "refusal": None}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
         completion = {
@@ -233,11 +239,12 @@ class LoopbackUpstream:
         await response.prepare(request)
         await response.write(_chunk(head, {"role": "assistant", "content": ""}))
         frame = _token_frames(head)
+        interval = self.interval if fault.interval is None else fault.interval
         start = time.monotonic() + self.first_token_delay
         for sent, token in enumerate(tokens[: fault.drop_after]):
             if sent == fault.malformed_after:
-                await response.write(b"data: {not json\n\n")
-            if (wait := start + sent * self.interval - time.monotonic()) > 0:
+                await response.write(fault.malformed)
+            if (wait := start + sent * interval - time.monotonic()) > 0:
                 await asyncio.sleep(wait)
             await response.write(frame(token))
             record.token_times.append(time.monotonic())

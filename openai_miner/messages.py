@@ -19,6 +19,16 @@ class InvalidPrompt(ValueError):
     """The synapse cannot be answered; ``str(error)`` is the reason sent to the validator."""
 
 
+def shown(value: object, limit: int = 40) -> str:
+    """``value`` quoted for a reason: it travels in a response header, so short and ASCII only.
+
+    A long or non-Latin-1 role echoed whole made the header too big (or unencodable) for the
+    validator's HTTP client, which then saw a client error instead of the reason.
+    """
+    text = value if isinstance(value, str) else repr(value)
+    return ascii(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 def to_chat_messages(
     roles: Sequence[str],
     messages: Sequence[str],
@@ -45,10 +55,10 @@ def to_chat_messages(
         kind = ROLES.get(role.strip().lower()) if isinstance(role, str) else None
         if kind is None:
             raise InvalidPrompt(
-                f"message {index} has unknown role {role!r}; expected one of {', '.join(ROLES)}"
+                f"message {index} has unknown role {shown(role)}; expected one of {', '.join(ROLES)}"
             )
         if not content.strip():
-            raise InvalidPrompt(f"message {index} ({role}) is empty")
+            raise InvalidPrompt(f"message {index} ({role.strip().lower()}) is empty")
         chat.append(kind(content=content))
     if not any(isinstance(message, HumanMessage) for message in chat):
         raise InvalidPrompt("no user message: there is nothing to answer")

@@ -10,6 +10,14 @@ class UpstreamError(RuntimeError):
     """A source could not produce an answer; the message is safe to log (no secrets, no prompt)."""
 
 
+class NoAnswer(UpstreamError):
+    """The source works but gave this prompt no answer: refused it (too long...) or said nothing.
+
+    Another model may still answer it, but it says nothing about the source's health: a validator
+    sending prompts over the upstream's context must not trip the circuit breaker for everyone.
+    """
+
+
 class TokenSource(Protocol):
     """Produces the text of one answer, token by token, onto a queue.
 

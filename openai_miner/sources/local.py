@@ -3,7 +3,8 @@
 ``generate()`` is blocking and long, so it runs in the source's own threads; tokens cross back to
 the event loop with ``call_soon_threadsafe``. A per-request stop flag, checked between tokens,
 ends generation within one token of a cancelled request or a passed deadline, so an abandoned
-request stops using the CPU/GPU.
+request stops using the CPU/GPU. A prompt over the model's context keeps its most recent tokens:
+past its trained positions a model answers nonsense, or fails outright.
 """
 
 import asyncio
@@ -273,6 +274,13 @@ class LocalSource:
                 return_dict=True,
                 return_tensors="pt",
             ).to(loaded.device)
+            room = self._prompt_room(loaded)
+            if room is not None and inputs["input_ids"].shape[-1] > room:
+                bt.logging.info(
+                    f"prompt of {inputs['input_ids'].shape[-1]} tokens is over the local model's "
+                    f"context: keeping its last {room}"
+                )
+                inputs = {name: tensor[:, -room:] for name, tensor in inputs.items()}
             sampling: dict[str, Any] = (
                 {"do_sample": True, "temperature": self.temperature}
                 if self.temperature > 0
@@ -291,6 +299,13 @@ class LocalSource:
         finally:
             with self._count_lock:
                 self._generating -= 1
+
+    def _prompt_room(self, loaded: LoadedModel) -> int | None:
+        """Most prompt tokens that leave room for the answer in the model's context (None: unknown)."""
+        context = getattr(loaded.model.config, "max_position_embeddings", None)
+        if not isinstance(context, int) or context <= 0:
+            return None
+        return context - min(self.max_new_tokens, context // 2)
 
 
 def _role(message: BaseMessage) -> str:

@@ -3,7 +3,8 @@
 The model streams; a LangChain async callback handler puts each token on the drain's queue as it
 arrives. Transient upstream errors (429, 5xx, timeouts, refused connections) are retried by
 ``tenacity``, but only before the first token (a retry after it would repeat text) and only while
-the next attempt can still start before the request's deadline; ``Retry-After`` is honoured.
+the next attempt can still start before the request's deadline; ``Retry-After`` is honoured. A
+refused prompt (400, 413, 422) or an empty answer is a :class:`NoAnswer`, not an outage.
 """
 
 import asyncio
@@ -25,9 +26,10 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from openai_miner.sources.base import UpstreamError
+from openai_miner.sources.base import NoAnswer, UpstreamError
 
 RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+REFUSED_STATUS = frozenset({400, 413, 422})  # the prompt's fault (over the context...), not the server's
 
 
 class QueueCallback(AsyncCallbackHandler):
@@ -140,5 +142,14 @@ class OpenAISource:
             async for attempt in retrying:
                 with attempt:
                     await self.model.ainvoke(list(messages), config={"callbacks": [handler]})
+        except openai.APIStatusError as error:
+            kind = NoAnswer if error.status_code in REFUSED_STATUS else UpstreamError
+            raise kind(describe(error)) from error
         except openai.OpenAIError as error:
             raise UpstreamError(describe(error)) from error
+        except (ValueError, TypeError, AttributeError, KeyError) as error:
+            # A chunk the SDK or LangChain could not parse (bad JSON, bytes, shape): one log line.
+            reason = str(error).splitlines()[0][:200] if str(error) else ""
+            raise UpstreamError(f"malformed upstream response: {type(error).__name__}: {reason}") from error
+        if handler.tokens == 0:
+            raise NoAnswer("the upstream answered with no text")

@@ -1,0 +1,328 @@
+"""Upstream faults through the real axon and a real ``bt.Dendrite``, checked on both sides.
+
+For every fault the validator must get a well-formed stream (status 200) that ends in time with
+the upstream's partial text, the local model's text where the policy says so, or nothing and a
+logged reason; the next request must work. The upstream tokens are words the tiny local model
+cannot say, so any answer mixing the two models would show.
+"""
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import aiohttp
+import bittensor as bt
+import httpx
+import pytest
+
+from openai_miner.loopback import Fault, LoopbackUpstream, RecordedRequest
+from openai_miner.protocol import StreamPromptingSynapse
+from tests.dendrite import ask
+
+pytestmark = pytest.mark.filterwarnings("ignore:Pydantic serializer warnings:UserWarning")  # wrong-shape chunks
+
+TOKENS = [f"u{i} " for i in range(20)]
+UPSTREAM_WORD = re.compile(r"\bu\d+\b")
+FULL = "".join(TOKENS)
+TIMEOUT = 3.0  # the validator's; the miner flushes and ends 0.5 s before it
+MARGIN = 0.5
+
+
+def local_flags(tiny_model: str, *extra: str) -> tuple[str, ...]:
+    """The tiny local model as fallback, loaded at start so no answer pays for the load."""
+    return (
+        "--fallback.model", tiny_model, "--fallback.device", "cpu", "--fallback.preload", "true",
+        "--fallback.max_new_tokens", "12", *extra,
+    )
+
+
+async def eventually(condition: Callable[[], bool], within: float) -> float:
+    """Seconds until ``condition`` held; fails the test if it does not within ``within`` seconds."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < within, "condition not met in time"
+        await asyncio.sleep(0.005)
+    return time.monotonic() - started
+
+
+def is_upstream_prefix(text: str) -> bool:
+    """Whole upstream tokens, in order, and nothing else (in particular no local text after them)."""
+    return FULL.startswith(text) and text.count(" ") == len(text.split())
+
+
+def is_local(text: str) -> bool:
+    return bool(text.strip()) and UPSTREAM_WORD.search(text) is None
+
+
+def refused_url() -> str:
+    """A base URL nothing listens on: connection refused."""
+    up = LoopbackUpstream(tokens=TOKENS).start()
+    up.stop()
+    return up.base_url
+
+
+@dataclass(frozen=True)
+class Case:
+    """A fault, and what the validator gets with the fallback off and with the local model on."""
+
+    upstream: dict
+    off: str  # "full", "partial", "empty"
+    local: str  # the same, or "local"
+    attempts: int | None = None  # upstream requests the first answer took
+    reason: str | None = None  # in the log when the answer is not the upstream's whole text
+    timeout: float = TIMEOUT
+    at_deadline: bool = False  # the stream ends at the miner's deadline (closing the upstream's), not before
+    kept: int | None = None  # a partial answer is exactly this many upstream tokens
+
+
+CASES = {
+    "429-retry-after": Case({"fault": Fault(status=429, retry_after=0.3)}, "empty", "local", 3, "HTTP 429"),
+    "429": Case({"fault": Fault(status=429)}, "empty", "local", 3, "HTTP 429"),
+    "500": Case({"fault": Fault(status=500)}, "empty", "local", 3, "HTTP 500"),
+    "503": Case({"fault": Fault(status=503)}, "empty", "local", 3, "HTTP 503"),
+    "401": Case({"fault": Fault(status=401)}, "empty", "local", 1, "HTTP 401"),
+    "400-over-context": Case({"fault": Fault(status=400)}, "empty", "local", 1, "HTTP 400"),
+    "refused": Case({"refused": True}, "empty", "local", None, "ConnectionError"),
+    "drop-before-first-token": Case({"fault": Fault(drop_after=0)}, "empty", "local", 3, "ConnectionError"),
+    "drop-mid-stream": Case({"fault": Fault(drop_after=5)}, "partial", "partial", 1, "mid-stream", kept=5),
+    "malformed-json-first": Case({"fault": Fault(malformed_after=0)}, "empty", "local", 1, "malformed"),
+    "malformed-json-mid-stream": Case(
+        {"fault": Fault(malformed_after=4)}, "partial", "partial", 1, "malformed", kept=4
+    ),
+    "wrong-shape-mid-stream": Case(
+        {"fault": Fault(malformed_after=4, malformed=b'data: {"choices": 7}\n\n')},
+        "partial", "partial", 1, "malformed", kept=4,
+    ),
+    "sse-error-event-mid-stream": Case(
+        {"fault": Fault(malformed_after=4, malformed=b'event: error\ndata: {"error": {"message": "overloaded"}}\n\n')},
+        "partial", "partial", 1, "overloaded", kept=4,
+    ),
+    "empty-completion": Case({"tokens": []}, "empty", "local", 1, "no text"),
+    "huge-completion": Case({"tokens": ["x" * 2047 + " "] * 500}, "full", "full", 1),  # 1 MB
+    "tokens-slower-than-deadline": Case(
+        {"interval": 0.25}, "partial", "partial", 1, timeout=2.0, at_deadline=True
+    ),
+    "never-sends-done": Case({"fault": Fault(no_done=True)}, "full", "full", 1, timeout=2.0, at_deadline=True),
+    "headers-never-come": Case(
+        {"fault": Fault(delay_before_headers=30)}, "empty", "empty", 1, timeout=2.0, at_deadline=True
+    ),
+}
+
+
+@pytest.mark.parametrize("fallback", ["off", "local"])
+@pytest.mark.parametrize("name", list(CASES))
+async def test_fault_gives_a_clean_stream_in_time_and_the_next_request_works(
+    serve_miner, validator, tiny_model, caplog, name: str, fallback: str
+) -> None:
+    case = CASES[name]
+    upstream = dict(case.upstream)
+    refused = upstream.pop("refused", False)
+    upstream.setdefault("tokens", TOKENS)
+    upstream.setdefault("interval", 0.002)
+    flags = ("--fallback.off",) if fallback == "off" else local_flags(tiny_model)
+    with LoopbackUpstream(**upstream) as up, caplog.at_level("WARNING"):
+        base_url = refused_url() if refused else up.base_url
+        miner = serve_miner(
+            "--openai.base_url", base_url, "--openai.max_tokens", "100000",
+            "--neuron.streaming_batch_size", "4", *flags,
+        )
+        async with bt.Dendrite(wallet=validator) as dendrite:
+            answer = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=case.timeout)
+            attempts = len(up.requests)
+            up.fault, up.tokens, up.interval = None, TOKENS, 0.0
+            following = await ask(dendrite, miner.axon, ["user"], ["hello again"], timeout=TIMEOUT)
+        await eventually(lambda: all(r.ended_at is not None for r in up.requests), within=1.0)
+        first = up.requests[0] if up.requests else None
+    took = answer.ended - answer.started
+    expected = case.off if fallback == "off" else case.local
+    print(f"\n{name} / fallback {fallback}: {expected}, {len(answer.text)} chars in {took:.2f}s")
+
+    assert answer.status == 200 and answer.synapse.completion == answer.text
+    if expected == "full":
+        assert answer.text == "".join(upstream["tokens"])
+    elif expected == "partial":
+        assert answer.text and is_upstream_prefix(answer.text) and answer.text != FULL
+        assert case.kept is None or answer.text == "".join(TOKENS[: case.kept])
+    elif expected == "empty":
+        assert answer.text == ""
+    else:
+        assert is_local(answer.text)
+    if case.attempts is not None:
+        assert attempts == case.attempts
+    if case.reason is not None:
+        assert case.reason in caplog.text
+    deadline = case.timeout - min(MARGIN, case.timeout / 4)
+    if case.at_deadline:
+        assert deadline - 0.05 <= took < case.timeout
+        assert first.disconnected and not first.finished  # the miner closed the upstream request
+    else:
+        assert took < deadline
+    assert following.status == 200
+    if refused:  # still nothing listens: answered as the first one was
+        assert following.text == "" if fallback == "off" else is_local(following.text)
+    else:
+        assert following.text == FULL
+
+
+async def test_retry_after_is_honoured_within_the_deadline(serve_miner, validator) -> None:
+    with LoopbackUpstream(tokens=TOKENS, fault=Fault(status=429, retry_after=0.6, times=2)) as up:
+        miner = serve_miner("--openai.base_url", up.base_url, "--fallback.off")
+        async with bt.Dendrite(wallet=validator) as dendrite:
+            answer = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=TIMEOUT)
+        received = [r.received_at for r in up.requests]
+    gaps = [b - a for a, b in zip(received, received[1:])]
+    assert answer.status == 200 and answer.text == FULL
+    assert len(received) == 3 and all(gap >= 0.6 for gap in gaps)
+    assert answer.ended - answer.started < TIMEOUT - MARGIN
+
+
+@pytest.mark.parametrize("fallback", ["off", "local"])
+async def test_a_retry_after_past_the_deadline_is_not_waited_for(
+    serve_miner, validator, tiny_model, fallback: str
+) -> None:
+    """Waiting 30 s cannot fit in a 3 s request: give up at once (and answer locally if possible)."""
+    flags = ("--fallback.off",) if fallback == "off" else local_flags(tiny_model)
+    with LoopbackUpstream(tokens=TOKENS, fault=Fault(status=429, retry_after=30)) as up:
+        miner = serve_miner("--openai.base_url", up.base_url, "--openai.max_retries", "5", *flags)
+        async with bt.Dendrite(wallet=validator) as dendrite:
+            answer = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=TIMEOUT)
+        attempts = len(up.requests)
+    assert attempts == 1 and answer.status == 200
+    assert answer.ended - answer.started < 1.0
+    assert answer.text == "" if fallback == "off" else is_local(answer.text)
+
+
+async def test_retries_stop_before_the_deadline(serve_miner, validator) -> None:
+    with LoopbackUpstream(tokens=TOKENS, fault=Fault(status=503, retry_after=0.3)) as up:
+        miner = serve_miner("--openai.base_url", up.base_url, "--openai.max_retries", "100", "--fallback.off")
+        async with bt.Dendrite(wallet=validator) as dendrite:
+            started = time.monotonic()
+            answer = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=2.0)
+        received = [r.received_at - started for r in up.requests]
+    assert answer.status == 200 and answer.text == ""
+    assert 3 <= len(received) <= 6  # retried every 0.3 s, but only while an attempt fits
+    assert received[-1] < 2.0 - MARGIN and answer.ended - started < 2.0
+
+
+async def test_refused_prompts_do_not_trip_the_circuit_breaker(serve_miner, validator, tiny_model) -> None:
+    """A validator sending prompts over the upstream's context must not cut the upstream off for all."""
+    with LoopbackUpstream(tokens=TOKENS, fault=Fault(status=400)) as up:
+        miner = serve_miner("--openai.base_url", up.base_url, *local_flags(tiny_model, "--fallback.failures", "2"))
+        async with bt.Dendrite(wallet=validator) as dendrite:
+            refused = [await ask(dendrite, miner.axon, ["user"], [f"long {i}"], timeout=TIMEOUT) for i in range(3)]
+            assert miner.source.breaker.state == "closed" and len(up.requests) == 3
+            up.fault = Fault(status=500)
+            for i in range(2):  # an outage does trip it...
+                await ask(dendrite, miner.axon, ["user"], [f"down {i}"], timeout=TIMEOUT)
+            tried = len(up.requests)
+            skipped = await ask(dendrite, miner.axon, ["user"], ["while open"], timeout=TIMEOUT)
+    assert all(a.status == 200 and is_local(a.text) for a in refused)
+    assert miner.source.breaker.state == "open" and len(up.requests) == tried  # ...and then it is skipped
+    assert is_local(skipped.text)
+
+
+# -- the validator goes away: the miner must stop pulling from the upstream and stop generating ---
+
+
+def upstream_closed(record: RecordedRequest) -> bool:
+    return record.ended_at is not None
+
+
+async def test_validator_timeout_mid_stream_closes_the_upstream(serve_miner, validator) -> None:
+    with LoopbackUpstream(tokens=[f"u{i} " for i in range(200)], interval=0.05) as up:
+        miner = serve_miner("--openai.base_url", up.base_url, "--fallback.off", "--neuron.streaming_batch_size", "1")
+        async with bt.Dendrite(wallet=validator) as dendrite:
+            answer = await ask(dendrite, miner.axon, ["user"], ["talk long"], timeout=1.5)
+            await eventually(lambda: upstream_closed(up.requests[0]), within=1.0)
+            record = up.requests[0]
+            up.tokens = TOKENS
+            following = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=TIMEOUT)
+    assert answer.status == 200 and answer.text and "u199" not in answer.text
+    assert record.disconnected and not record.finished
+    assert record.ended_at - answer.started < 1.5 + 0.3  # closed by the time the validator gave up
+    assert len(record.token_times) < 40  # of 200
+    assert following.status == 200 and following.text == FULL
+
+
+async def test_validator_giving_up_mid_stream_closes_the_upstream(serve_miner, validator) -> None:
+    """The validator's own task is cancelled long before its timeout: its connection closes."""
+    with LoopbackUpstream(tokens=[f"u{i} " for i in range(200)], interval=0.05) as up:
+        miner = serve_miner("--openai.base_url", up.base_url, "--fallback.off", "--neuron.streaming_batch_size", "1")
+        async with bt.Dendrite(wallet=validator) as dendrite:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(ask(dendrite, miner.axon, ["user"], ["talk long"], timeout=20), 0.8)
+            gave_up = time.monotonic()
+            closing = await eventually(lambda: upstream_closed(up.requests[0]), within=2.0)
+            up.tokens = TOKENS
+            following = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=TIMEOUT)
+    record = up.requests[0]
+    print(f"\nupstream closed {closing:.3f}s after the validator gave up")
+    assert record.disconnected and not record.finished and record.ended_at - gave_up < 0.5
+    assert len(record.token_times) < 30
+    assert following.status == 200 and following.text == FULL
+
+
+async def long_local_miner(serve_miner, tiny_model):
+    miner = serve_miner(
+        "--fallback.model", tiny_model, "--fallback.device", "cpu", "--fallback.max_new_tokens", "4000",
+        "--neuron.streaming_batch_size", "1",
+    )
+    return miner, miner.source.local
+
+
+async def test_local_generation_stops_when_the_validator_hangs_up(serve_miner, validator, tiny_model) -> None:
+    miner, local = await long_local_miner(serve_miner, tiny_model)
+    dendrite = bt.Dendrite(wallet=validator)
+    synapse = dendrite.preprocess_synapse_for_request(
+        miner.axon.info(), StreamPromptingSynapse(roles=["user"], messages=["talk long"]), 30
+    )
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(
+            f"http://127.0.0.1:{miner.axon.port}/StreamPromptingSynapse",
+            headers=synapse.to_headers(), json=synapse.model_dump(),
+        )
+        assert response.status == 200 and await response.content.readany()
+        assert local.generating == 1
+        response.close()  # the validator hangs up mid-answer
+    stopped = await eventually(lambda: local.generating == 0, within=2.0)
+    print(f"\nlocal generation stopped {stopped:.3f}s after the hang-up")
+    following = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=1.0)
+    await dendrite.aclose_session()
+    assert stopped < 0.5
+    assert following.status == 200 and is_local(following.text)
+
+
+async def test_local_generation_stops_at_the_validator_timeout(serve_miner, validator, tiny_model) -> None:
+    miner, local = await long_local_miner(serve_miner, tiny_model)
+    async with bt.Dendrite(wallet=validator) as dendrite:
+        answer = await ask(dendrite, miner.axon, ["user"], ["talk long"], timeout=1.5)
+        stopped = await eventually(lambda: local.generating == 0, within=2.0)
+        following = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=1.0)
+    assert answer.status == 200 and is_local(answer.text)
+    assert answer.ended - answer.started < 1.5 and stopped < 0.3
+    assert following.status == 200 and is_local(following.text)
+
+
+async def test_loopback_fails_each_request_its_own_way() -> None:
+    """The loopback's per-request faults, custom malformed line and slow pace, as a client sees them."""
+    faults = {
+        "refuse": Fault(status=503),
+        "garble": Fault(malformed_after=1, malformed=b'data: {"choices": 7}\n\n'),
+        "crawl": Fault(interval=0.1),
+    }
+    with LoopbackUpstream(tokens=TOKENS[:3], fault=lambda body: faults.get(body["messages"][0]["content"])) as up:
+        async with httpx.AsyncClient(base_url=up.base_url) as client:
+
+            async def chat(prompt: str) -> httpx.Response:
+                body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "stream": True}
+                return await client.post("/chat/completions", json=body)
+
+            refused, garbled, crawled, fine = [await chat(p) for p in ("refuse", "garble", "crawl", "fine")]
+    assert refused.status_code == 503
+    text = garbled.text
+    assert text.index('"content":"u0 "') < text.index('data: {"choices": 7}\n\n') < text.index('"content":"u1 "')
+    assert crawled.text.endswith("data: [DONE]\n\n") and fine.text.endswith("data: [DONE]\n\n")
+    crawl, quick = up.requests[2], up.requests[3]
+    assert crawl.token_times[-1] - crawl.token_times[0] >= 0.2 > quick.token_times[-1] - quick.token_times[0]

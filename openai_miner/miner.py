@@ -176,11 +176,10 @@ class OpenAIMiner(Miner):
             raise refuse(synapse, 400, f"invalid prompt: {invalid}") from invalid
 
     def forward(self, synapse: StreamPromptingSynapse) -> StreamingResponse:
-        messages = self.chat_messages(synapse)
-        deadline = stream_deadline(
-            synapse.timeout, now=time.monotonic(), margin=self.config.neuron.deadline_margin
-        )
         hotkey = synapse.dendrite.hotkey if synapse.dendrite else None
+        arrived = self.arrivals.pop(hotkey, synapse.dendrite.nonce if synapse.dendrite else None)
+        messages = self.chat_messages(synapse)
+        deadline = stream_deadline(synapse.timeout, now=arrived, margin=self.config.neuron.deadline_margin)
 
         async def token_streamer(send: Send) -> None:
             result = await stream_answer(
@@ -213,6 +212,9 @@ class OpenAIMiner(Miner):
         """One log line per answer; an error is a warning, and may stop the miner if configured."""
         who = hotkey[:10] if hotkey else "local"
         line = f"{who}: {result.tokens} tokens in {result.sends} chunks via {self.source.name} ({result.outcome})"
+        if result.outcome == "deadline" and result.tokens == 0:
+            bt.logging.warning(f"{line}: nothing arrived from the model before the deadline")
+            return
         if result.outcome != "error":
             bt.logging.debug(line)
             return

@@ -22,6 +22,7 @@ from importlib import resources
 from typing import Iterator, Mapping, Sequence
 
 import bittensor as bt
+import fastapi
 from bittensor.core.errors import SynapseException
 
 from openai_miner.access import AccessPolicy, RateLimiter
@@ -146,6 +147,30 @@ class RecentPrompts:
         return True
 
 
+class Arrivals:
+    """When each admitted request reached the axon, by (hotkey, nonce), on this machine's clock.
+
+    The answer's deadline counts from arrival, not from when ``forward`` finally runs: under load
+    the axon's middleware can take tens of milliseconds, which the deadline margin must not lose.
+    Entries of requests that never reach ``forward`` (refused at signature checks) age out.
+    """
+
+    def __init__(self, clock: typing.Callable[[], float] = time.monotonic, keep: float = 120.0) -> None:
+        self._clock = clock
+        self._keep = keep
+        self._seen: OrderedDict[tuple[str, int], float] = OrderedDict()
+
+    def note(self, hotkey: str | None, nonce: int | None) -> None:
+        now = self._clock()
+        while self._seen and next(iter(self._seen.values())) < now - self._keep:
+            self._seen.popitem(last=False)
+        self._seen[(hotkey or "", nonce or 0)] = now
+
+    def pop(self, hotkey: str | None, nonce: int | None) -> float:
+        """The arrival time, or now if the request was never noted."""
+        return self._seen.pop((hotkey or "", nonce or 0), None) or self._clock()
+
+
 def ensure_port_free(port: int) -> None:
     """Fail loudly: a busy axon port otherwise dies silently inside uvicorn's thread."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -168,6 +193,16 @@ def wait_port(port: int, *, listening: bool, timeout: float) -> bool:
         if time.monotonic() >= end:
             return False
         time.sleep(0.02)
+
+
+class Axon(bt.Axon):
+    """bittensor's axon, answering a malformed body with 400 and a reason instead of an opaque 500."""
+
+    async def verify_body_integrity(self, request: fastapi.Request) -> dict:
+        try:
+            return await super().verify_body_integrity(request)
+        except (ValueError, TypeError) as error:  # JSON, UTF-8, field types, body-hash mismatch
+            raise fastapi.HTTPException(400, f"invalid synapse body ({type(error).__name__})") from None
 
 
 class Miner(abc.ABC):
@@ -211,7 +246,8 @@ class Miner(abc.ABC):
         self.registry: Registry = fetch_registry(self.subtensor, netuid)
         self.recent_prompts = RecentPrompts(self.config.neuron.prompt_cache_seconds)
         self.rate_limiter = RateLimiter(self.config.blacklist.max_requests_per_minute)
-        self.axon = axon or bt.Axon(
+        self.arrivals = Arrivals()
+        self.axon = axon or Axon(
             wallet=self.wallet,
             config=self.config,
             external_ip=self.config.axon.external_ip or ("127.0.0.1" if self.config.mock else None),
@@ -330,6 +366,8 @@ class Miner(abc.ABC):
         refused, reason = decide_blacklist(hotkey, self.registry, self.policy)
         if refused:
             bt.logging.debug(f"blacklisted: {reason}")
+        else:
+            self.arrivals.note(hotkey, synapse.dendrite.nonce if synapse.dendrite else None)
         return refused, reason
 
     def priority(self, synapse: StreamPromptingSynapse) -> float:

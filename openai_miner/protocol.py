@@ -121,11 +121,13 @@ class StreamPromptingSynapse(bt.StreamingSynapse):
 
 
 def _error_message(body: str) -> str:
-    """The axon's error bodies are ``{"message": ...}``; anything else is passed on as text."""
+    """The axon's error bodies are ``{"message": ...}``, FastAPI's ``{"detail": ...}``; else the text."""
     try:
         parsed = json.loads(body)
     except ValueError:
         return body
-    if isinstance(parsed, dict) and "message" in parsed:
-        return str(parsed["message"])
+    if isinstance(parsed, dict):
+        for key in ("message", "detail"):
+            if key in parsed:
+                return str(parsed[key])
     return body

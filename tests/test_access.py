@@ -68,3 +68,18 @@ def test_rate_limit_off() -> None:
 
     limiter = RateLimiter(0)
     assert all(limiter.allow("a") for _ in range(1000))
+
+
+def test_arrivals_remember_when_a_request_came_and_age_out() -> None:
+    from openai_miner.neuron import Arrivals
+
+    now = [100.0]
+    arrivals = Arrivals(clock=lambda: now[0], keep=10.0)
+    arrivals.note("hk", 1)
+    now[0] = 100.05
+    assert arrivals.pop("hk", 1) == 100.0  # the deadline counts from arrival, not from forward()
+    assert arrivals.pop("hk", 1) == 100.05  # never noted (or already used): now
+    arrivals.note("hk", 2)
+    now[0] = 200.0
+    arrivals.note("other", 3)  # noting prunes what is older than `keep`
+    assert ("hk", 2) not in arrivals._seen

@@ -89,7 +89,7 @@ async def test_sixteen_concurrent_streams_take_about_as_long_as_one(serve_miner,
                 await dendrite.aclose_session()
     assert all(a.status == 200 and a.text == "".join(tokens) for a in answers)
     print(f"\none stream {one:.3f}s, 16 concurrent {many:.3f}s, ratio {many / one:.2f}")
-    assert many < 1.6 * one
+    assert many < 1.8 * one  # measured 1.3-1.4 on an idle 2-core box
 
 
 async def test_api_key_never_logged_or_shown(serve_miner, validator, caplog, monkeypatch) -> None:

@@ -1,0 +1,164 @@
+"""One miner in its own process, so its CPU time and memory are its own.
+
+``python -m bench.serve --kind miner|baseline --upstream URL --port P --workdir DIR`` builds the
+miner on a mock chain of its own (MockSubtensor state is per process), serves a real axon on
+127.0.0.1:P, writes ``{"pid", "port", "hotkey", "coldkey"}`` to ``DIR/<kind>.ready`` once it
+listens, and serves until its stdin closes. The validators of the benchmark are not on that
+chain, so non-registered hotkeys are served (``--blacklist.allow_non_registered``): the
+blacklist and priority still run for every request, as they would for a registered validator.
+
+:class:`MinerProcess` is the benchmark's handle on it.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import procstat
+
+KINDS = ("miner", "baseline")
+
+
+def build(kind: str, upstream: str, port: int, workdir: Path, batch_size: int):
+    import bittensor.utils.networking as networking
+
+    networking.get_external_ip = lambda: "127.0.0.1"  # never ask the internet who we are
+
+    from openai_miner.miner import OpenAIMiner
+
+    if kind == "baseline":
+        from bench.baseline import BaselineMiner as cls
+    else:
+        cls = OpenAIMiner
+    argv = [
+        "--mock", "--netuid", "1",
+        "--wallet.path", str(workdir / "wallets"), "--wallet.name", kind, "--wallet.hotkey", "default",
+        "--axon.port", str(port), "--axon.external_ip", "127.0.0.1",
+        "--openai.base_url", upstream, "--openai.model_name", "loopback",
+        "--fallback.off",
+        "--blacklist.allow_non_registered", "true", "--blacklist.force_validator_permit", "false",
+        "--neuron.streaming_batch_size", str(batch_size),
+    ]
+    return cls(cls.config(argv, env={}), api_key="test")
+
+
+def serve(kind: str, upstream: str, port: int, workdir: Path, batch_size: int) -> None:
+    miner = build(kind, upstream, port, workdir, batch_size)
+    miner.run_in_background_thread()
+    ready = {
+        "pid": os.getpid(),
+        "port": port,
+        "hotkey": miner.wallet.hotkey.ss58_address,
+        "coldkey": miner.wallet.coldkeypub.ss58_address,
+    }
+    partial = workdir / f"{kind}.ready.tmp"
+    partial.write_text(json.dumps(ready))
+    partial.rename(workdir / f"{kind}.ready")
+    sys.stdin.read()  # until the benchmark closes the pipe (or dies)
+    miner.stop_run_thread()
+    os._exit(0)  # the axon's uvicorn thread does not stop by itself
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class MinerProcess:
+    """Starts ``python -m bench.serve`` and reads its CPU time and memory from ``/proc``."""
+
+    def __init__(self, kind: str, upstream: str, workdir: Path, batch_size: int) -> None:
+        self.kind = kind
+        self.port = free_port()
+        root = Path(__file__).resolve().parent.parent
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+            "HOME": str(workdir),  # bittensor writes ~/.bittensor on import
+        }
+        for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+            env.pop(name, None)
+        self._ready = workdir / f"{kind}.ready"
+        self._ready.unlink(missing_ok=True)
+        self.log = workdir / f"{kind}.log"
+        self._log = self.log.open("w")
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "bench.serve", "--kind", kind, "--upstream", upstream,
+                "--port", str(self.port), "--workdir", str(workdir), "--batch-size", str(batch_size),
+            ],
+            stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir, env=env,
+        )
+        self.info: dict = {}
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self._ready.exists():
+                self.info = json.loads(self._ready.read_text())
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        tail = self.log.read_text()[-3000:]
+        raise RuntimeError(f"the {self.kind} miner did not start within {timeout:g}s:\n{tail}")
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def axon_info(self):
+        from bittensor.core.chain_data import AxonInfo
+
+        return AxonInfo(
+            version=0, ip="127.0.0.1", ip_type=4, port=self.port, hotkey=self.info["hotkey"],
+            coldkey=self.info["coldkey"], protocol=4, placeholder1=0, placeholder2=0,
+        )
+
+    def cpu_seconds(self) -> float:
+        return procstat.cpu_seconds(self.pid)
+
+    def memory_mb(self) -> dict[str, float]:
+        return procstat.memory_mb(self.pid)
+
+    def reset_peak(self) -> bool:
+        return procstat.reset_peak(self.pid)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(timeout=5)
+        self._log.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", choices=KINDS, required=True)
+    parser.add_argument("--upstream", required=True, help="base URL of the OpenAI-compatible upstream")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--batch-size", type=int, default=12)
+    args = parser.parse_args()
+    if not args.upstream.startswith("http://127.0.0.1:"):
+        parser.error("the benchmark only talks to 127.0.0.1")
+    serve(args.kind, args.upstream, args.port, args.workdir, args.batch_size)
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,7 @@ Start-up fails loudly, with the reason and the fix, before serving anything. Exi
 ``openai-miner demo`` uses the same codes, with 1 also meaning that a validator got no answer.
 """
 
+import gc
 import signal
 import sys
 from types import FrameType
@@ -74,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             miner.stop_run_thread()
     bt.logging.info(summary(miner))
     print(summary(miner), flush=True)
+    # Start-up objects (bittensor, torch, the model) never die: keep them out of full collections,
+    # which otherwise stall every stream for 100-150 ms every ~130 requests (measured in bench/).
+    gc.freeze()
     try:
         miner.keep_synced()
     except KeyboardInterrupt:

@@ -403,6 +403,9 @@ class Miner(abc.ABC):
         if not self.config.mock:
             with chain_errors(self.config):
                 self.axon.serve(netuid=self.config.netuid, subtensor=self.subtensor)
+        # Outlive the dendrite's idle keep-alive (aiohttp: 15 s); at uvicorn's 5 s a validator reusing
+        # a connection as it closes gets ServerDisconnectedError (measured: 266 of 2,560 streams).
+        self.axon.fast_config.timeout_keep_alive = 20
         self.axon.start()
         if not wait_port(self.axon.port, listening=True, timeout=10.0):
             raise StartupError(f"the axon did not start listening on port {self.axon.port} within 10s")

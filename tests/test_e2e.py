@@ -155,3 +155,9 @@ async def test_one_hotkey_is_rate_limited_after_its_signature_is_checked(serve_m
     assert [a.status for a in answers] == [200, 200, 429]
     assert "requests in a minute" in answers[2].synapse.dendrite.status_message and answers[2].text == ""
     assert fine.status == 200 and fine.text == "ok"
+
+
+async def test_axon_keeps_idle_connections_longer_than_the_dendrite(serve_miner, validator) -> None:
+    """uvicorn's 5 s default closes connections aiohttp still reuses (ServerDisconnectedError)."""
+    miner = serve_miner(source=FakeSource(["ok"]))
+    assert miner.axon.fast_server.config.timeout_keep_alive > 15

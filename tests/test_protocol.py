@@ -67,3 +67,11 @@ def test_accepts_newer_validator_fields_and_hashes_messages_only() -> None:
     assert newer.seed == 7 and newer.task_name == "qa"
     assert plain.body_hash == newer.body_hash
     assert plain.body_hash != StreamPromptingSynapse(roles=["user"], messages=["ho"]).body_hash
+
+
+def test_required_fields_are_bittensors_but_cached() -> None:
+    import bittensor as bt
+
+    s = synapse()
+    assert s.get_required_fields() == bt.Synapse.get_required_fields(s) == ["roles", "messages"]
+    assert s.to_headers()["bt_header_input_obj_roles"]  # headers still carry the required inputs

@@ -3,6 +3,7 @@
 import time
 from dataclasses import dataclass, field
 
+import aiohttp
 import bittensor as bt
 
 from openai_miner.protocol import StreamPromptingSynapse
@@ -45,3 +46,16 @@ async def ask(
             answer.chunk_times.append(time.monotonic())
     answer.ended = time.monotonic()
     return answer
+
+
+async def post_signed(
+    session: aiohttp.ClientSession, dendrite: bt.Dendrite, axon: bt.Axon, messages: list[str], timeout: float = 30
+) -> aiohttp.ClientResponse:
+    """A validator's request sent by hand, so a test can hang up whenever it likes."""
+    synapse = dendrite.preprocess_synapse_for_request(
+        axon.info(), StreamPromptingSynapse(roles=["user"] * len(messages), messages=messages), timeout
+    )
+    return await session.post(
+        f"http://127.0.0.1:{axon.port}/StreamPromptingSynapse",
+        headers=synapse.to_headers(), json=synapse.model_dump(),
+    )

@@ -3,9 +3,8 @@
 import asyncio
 
 import bittensor as bt
-import pytest
 
-from tests.dendrite import ask
+from tests.dendrite import ask, post_signed
 from tests.fakes import FakeSource
 
 TOKENS = [f"tok{i} " for i in range(30)]
@@ -118,19 +117,12 @@ async def test_validator_hanging_up_closes_the_upstream_request(serve_miner, val
     import aiohttp
 
     from openai_miner.loopback import LoopbackUpstream
-    from openai_miner.protocol import StreamPromptingSynapse
 
     with LoopbackUpstream(tokens=[f"t{i} " for i in range(200)], interval=0.05) as up:
         miner = serve_miner("--openai.base_url", up.base_url, "--fallback.off", "--neuron.streaming_batch_size", "1")
         dendrite = bt.Dendrite(wallet=validator)
-        synapse = dendrite.preprocess_synapse_for_request(
-            miner.axon.info(), StreamPromptingSynapse(roles=["user"], messages=["talk long"]), 30
-        )
         async with aiohttp.ClientSession() as session:
-            response = await session.post(
-                f"http://127.0.0.1:{miner.axon.port}/StreamPromptingSynapse",
-                headers=synapse.to_headers(), json=synapse.model_dump(),
-            )
+            response = await post_signed(session, dendrite, miner.axon, ["talk long"])
             assert await response.content.readany() == b"t0 "
             response.close()  # the validator hangs up after the first chunk
         left = asyncio.get_running_loop().time()

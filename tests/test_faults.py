@@ -18,8 +18,7 @@ import httpx
 import pytest
 
 from openai_miner.loopback import Fault, LoopbackUpstream, RecordedRequest
-from openai_miner.protocol import StreamPromptingSynapse
-from tests.dendrite import ask
+from tests.dendrite import ask, post_signed
 
 pytestmark = pytest.mark.filterwarnings("ignore:Pydantic serializer warnings:UserWarning")  # wrong-shape chunks
 
@@ -275,14 +274,8 @@ async def long_local_miner(serve_miner, tiny_model):
 async def test_local_generation_stops_when_the_validator_hangs_up(serve_miner, validator, tiny_model) -> None:
     miner, local = await long_local_miner(serve_miner, tiny_model)
     dendrite = bt.Dendrite(wallet=validator)
-    synapse = dendrite.preprocess_synapse_for_request(
-        miner.axon.info(), StreamPromptingSynapse(roles=["user"], messages=["talk long"]), 30
-    )
     async with aiohttp.ClientSession() as session:
-        response = await session.post(
-            f"http://127.0.0.1:{miner.axon.port}/StreamPromptingSynapse",
-            headers=synapse.to_headers(), json=synapse.model_dump(),
-        )
+        response = await post_signed(session, dendrite, miner.axon, ["talk long"])
         assert response.status == 200 and await response.content.readany()
         assert local.generating == 1
         response.close()  # the validator hangs up mid-answer

@@ -84,6 +84,10 @@ class OpenAIMiner(Miner):
             "--fallback.max_new_tokens", type=at_least(1), default=256, help="Most new tokens from the local model."
         )
         parser.add_argument(
+            "--fallback.temperature", type=at_least(0, float), default=0.0,
+            help="Sampling temperature of the local model (0 = greedy, best for small models).",
+        )
+        parser.add_argument(
             "--fallback.concurrency", type=at_least(1), default=1, help="Local generations at once; others wait."
         )
         parser.add_argument(
@@ -142,7 +146,7 @@ class OpenAIMiner(Miner):
                 device=settings.device,
                 max_new_tokens=settings.max_new_tokens,
                 concurrency=settings.concurrency,
-                temperature=self.config.openai.temperature,
+                temperature=settings.temperature,
             )
         except ValueError as invalid:
             raise StartupError(f"local fallback: {invalid}") from invalid

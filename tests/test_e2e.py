@@ -3,6 +3,7 @@
 import asyncio
 
 import bittensor as bt
+import pytest
 
 from tests.dendrite import ask, post_signed
 from tests.fakes import FakeSource
@@ -153,3 +154,15 @@ async def test_axon_keeps_idle_connections_longer_than_the_dendrite(serve_miner,
     """uvicorn's 5 s default closes connections aiohttp still reuses (ServerDisconnectedError)."""
     miner = serve_miner(source=FakeSource(["ok"]))
     assert miner.axon.fast_server.config.timeout_keep_alive > 15
+
+
+async def test_prompt_fills_the_completion_through_the_same_drain(serve_miner) -> None:
+    from bittensor.core.errors import SynapseException
+
+    from openai_miner.protocol import StreamPromptingSynapse
+
+    miner = serve_miner("--neuron.streaming_batch_size", "4", source=FakeSource(TOKENS))
+    answered = await miner.prompt(StreamPromptingSynapse(roles=["user"], messages=["hello"]))
+    assert answered.completion == "".join(TOKENS)
+    with pytest.raises(SynapseException, match="unknown role"):
+        await miner.prompt(StreamPromptingSynapse(roles=["wizard"], messages=["hello"]))

@@ -179,36 +179,37 @@ class OpenAIMiner(Miner):
             bt.logging.info(f"refused a malformed synapse: {invalid}")
             raise refuse(synapse, 400, f"invalid prompt: {invalid}") from invalid
 
+    def prepare(self, synapse: StreamPromptingSynapse, arrived: float) -> tuple[list, float]:
+        """The chat messages (or a refusal) and the deadline of an answer to ``synapse``."""
+        messages = self.chat_messages(synapse)
+        return messages, stream_deadline(synapse.timeout, now=arrived, margin=self.config.neuron.deadline_margin)
+
+    async def answer(self, messages: list, send: Send, deadline: float, hotkey: str | None) -> None:
+        """Stream the source's answer through the drain, then log how it went."""
+        result = await stream_answer(
+            self.source, messages, send,
+            batch_size=self.config.neuron.streaming_batch_size, deadline=deadline,
+        )
+        self.report(result, hotkey)
+
     def forward(self, synapse: StreamPromptingSynapse) -> StreamingResponse:
         hotkey = synapse.dendrite.hotkey if synapse.dendrite else None
         arrived = self.arrivals.pop(hotkey, synapse.dendrite.nonce if synapse.dendrite else None)
-        messages = self.chat_messages(synapse)
-        deadline = stream_deadline(synapse.timeout, now=arrived, margin=self.config.neuron.deadline_margin)
+        messages, deadline = self.prepare(synapse, arrived)
 
         async def token_streamer(send: Send) -> None:
-            result = await stream_answer(
-                self.source, messages, send,
-                batch_size=self.config.neuron.streaming_batch_size, deadline=deadline,
-            )
-            self.report(result, hotkey)
+            await self.answer(messages, send, deadline, hotkey)
 
         return synapse.create_streaming_response(token_streamer)
 
     async def prompt(self, synapse: StreamPromptingSynapse) -> StreamPromptingSynapse:
-        messages = self.chat_messages(synapse)
-        deadline = stream_deadline(
-            synapse.timeout, now=time.monotonic(), margin=self.config.neuron.deadline_margin
-        )
+        messages, deadline = self.prepare(synapse, time.monotonic())
         parts: list[bytes] = []
 
         async def collect(message: MutableMapping[str, object]) -> None:
             parts.append(message["body"])  # type: ignore[arg-type]
 
-        result = await stream_answer(
-            self.source, messages, collect,
-            batch_size=self.config.neuron.streaming_batch_size, deadline=deadline,
-        )
-        self.report(result, None)
+        await self.answer(messages, collect, deadline, None)
         synapse.completion = b"".join(parts).decode("utf-8")
         return synapse
 

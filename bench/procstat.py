@@ -1,6 +1,7 @@
-"""CPU time and memory of a process, read from ``/proc`` (Linux only, no psutil)."""
+"""The bench's child processes: CPU time and memory read from ``/proc`` (Linux only, no psutil), and stopping them."""
 
 import os
+import subprocess
 from pathlib import Path
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -30,3 +31,18 @@ def reset_peak(pid: int | str) -> bool:
     except OSError:
         return False
     return True
+
+
+def stop(process: "subprocess.Popen[str]") -> None:
+    """End a bench child: close its stdin (its signal to exit), then terminate, then kill."""
+    if process.poll() is not None:
+        return
+    process.stdin.close()
+    for escalate in (None, process.terminate, process.kill):
+        if escalate is not None:
+            escalate()
+        try:
+            process.wait(timeout=10 if escalate is None else 5)
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -106,13 +106,7 @@ class UpstreamProcess:
         return procstat.cpu_seconds(self.pid)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        procstat.stop(self.process)
         self._log.close()
 
     def _call(self, command: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:

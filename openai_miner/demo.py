@@ -34,7 +34,7 @@ from openai_miner.chain import mock_subtensor, register_mock_neuron
 from openai_miner.config import ConfigError, at_least, layered_env
 from openai_miner.fallback import FallbackSource
 from openai_miner.miner import OpenAIMiner
-from openai_miner.neuron import StartupError
+from openai_miner.neuron import StartupError, keys_missing
 from openai_miner.protocol import StreamPromptingSynapse
 
 NETUID = 1
@@ -143,8 +143,7 @@ def free_port() -> int:
 
 def make_wallet(path: str, name: str) -> bt.Wallet:
     wallet = bt.Wallet(name=name, hotkey="default", path=path)
-    if not (wallet.coldkeypub_file.exists_on_device() and wallet.hotkey_file.exists_on_device()):
-        # (asked when the keys exist, it prints "already exists" even with suppress=True)
+    if keys_missing(wallet):  # asked when the keys exist, it prints "already exists" even suppressed
         wallet.create_if_non_existent(coldkey_use_password=False, hotkey_use_password=False, suppress=True)
     return wallet
 

@@ -5,7 +5,6 @@ Nothing here reaches the network: the chain is ``bt.MockSubtensor``, the axon li
 """
 
 import os
-import socket
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -13,6 +12,8 @@ import bittensor as bt
 import pytest
 
 from openai_miner.chain import mock_subtensor, register_mock_neuron
+from openai_miner.demo import free_port
+from openai_miner.demo import make_wallet as demo_wallet
 from openai_miner.miner import OpenAIMiner
 from openai_miner.sources.base import TokenSource
 
@@ -21,16 +22,8 @@ RECORDING_KEY = os.environ.get("OPENAI_API_KEY")  # read before tests hide it; u
 os.environ["HF_HUB_OFFLINE"] = "1"  # no model hub here: local models load from disk only
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def make_wallet(root: Path, name: str) -> bt.Wallet:
-    wallet = bt.Wallet(name=name, hotkey="default", path=str(root))
-    wallet.create_if_non_existent(coldkey_use_password=False, hotkey_use_password=False, suppress=True)
-    return wallet
+    return demo_wallet(str(root), name)
 
 
 @pytest.fixture(autouse=True)

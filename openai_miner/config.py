@@ -59,10 +59,18 @@ def at_least(low: float, kind: Callable[[str], Any] = int, *, inclusive: bool = 
 
 
 def add_bool(parser: argparse.ArgumentParser, *flags: str, default: bool, help: str) -> None:
-    """``--flag`` alone means true; ``--flag false`` / ``--flag 0`` means false."""
-    parser.add_argument(
+    """``--flag`` alone means true; ``--flag false`` / ``--flag 0`` means false.
+
+    A flag that is on by default also gets ``--no-flag``, the usual way to turn it off.
+    """
+    action = parser.add_argument(
         *flags, type=str_to_bool, nargs="?", const=True, default=default, metavar="BOOL", help=help
     )
+    if default:
+        parser.add_argument(
+            *(f"--no-{flag.removeprefix('--')}" for flag in flags), dest=action.dest,
+            action="store_false", default=argparse.SUPPRESS, help=f"Same as {flags[0]} false.",
+        )
 
 
 def env_name(dest: str) -> str:
@@ -97,6 +105,8 @@ def layered_env(
 def env_dests(parser: argparse.ArgumentParser) -> Iterable[argparse.Action]:
     for action in parser._actions:
         head = action.dest.split(".")[0]
+        if action.default is argparse.SUPPRESS:  # only sets its dest when given (``--no-flag``)
+            continue
         if head in ENV_NAMESPACES and not any(part.startswith("_") for part in action.dest.split(".")):
             yield action
 

@@ -300,11 +300,16 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                     stake=VALIDATOR_STAKE, validator_permit=True,
                 )
             local_first = not env.get("OPENAI_API_KEY") and not config.openai.base_url
-            if local_first and not config.fallback.off:
-                print("no OPENAI_API_KEY: loading local model… (CPU: about 20 s)", file=out, flush=True)
+            preloading = not config.fallback.off and (local_first or config.fallback.preload)
+            if preloading:
+                print(
+                    "no OPENAI_API_KEY: loading local model… (CPU: about 20 s)" if local_first
+                    else "loading the local fallback model… (CPU: about 20 s; --no-fallback skips it)",
+                    file=out, flush=True,
+                )
             loading = time.monotonic()
             miner = OpenAIMiner(config, subtensor=chain)
-            if local_first and not config.fallback.off:
+            if preloading:
                 print(f"loaded in {time.monotonic() - loading:.1f}s", file=out, flush=True)
             miner.run_in_background_thread()
             print(

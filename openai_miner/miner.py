@@ -88,7 +88,9 @@ class OpenAIMiner(Miner):
             help="Sampling temperature of the local model (0 = greedy, best for small models).",
         )
         parser.add_argument(
-            "--fallback.concurrency", type=at_least(1), default=1, help="Local generations at once; others wait."
+            "--fallback.concurrency", type=at_least(1), default=2,
+            help="Local generations at once; others wait (with 1, a second request waits for the first's "
+            "whole answer before its first token).",
         )
         parser.add_argument(
             "--fallback.failures", type=at_least(1), default=3,
@@ -98,7 +100,11 @@ class OpenAIMiner(Miner):
             "--fallback.cooldown", type=at_least(0, float), default=60.0,
             help="Seconds the local model answers alone before the upstream is probed again.",
         )
-        add_bool(parser, "--fallback.preload", default=False, help="Load the local model at start, not on first use.")
+        add_bool(
+            parser, "--fallback.preload", default=True,
+            help="Load the local model at start, before serving (about 20 s on CPU), so no request waits "
+            "for it; off, the first request the upstream fails loads it. Always on without a key.",
+        )
         add_bool(parser, "--fallback.off", default=False, help="Never answer from a local model.")
 
     def build_source(self) -> tuple[TokenSource, str]:

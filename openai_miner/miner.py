@@ -1,8 +1,8 @@
 """``OpenAIMiner``: the base miner answering from an OpenAI-compatible chat model.
 
 The data path, in the order of this package's modules: the synapse (``protocol``) becomes chat
-messages (``messages``), a token source (``sources``) fills a queue, and the drain
-(``streaming``) sends it in batches to the validator.
+messages (``messages``) under its task's system prompt (``system_prompts``), a token source
+(``sources``) fills a queue, and the drain (``streaming``) sends it in batches to the validator.
 
 No ``from __future__ import annotations``: see :mod:`openai_miner.neuron`.
 """
@@ -22,6 +22,7 @@ from openai_miner.protocol import StreamPromptingSynapse
 from openai_miner.sources.base import TokenSource
 from openai_miner.sources.openai import OpenAISource, chat_openai
 from openai_miner.streaming import Send, StreamResult, stream_answer, stream_deadline
+from openai_miner.system_prompts import load_system_prompts
 
 if TYPE_CHECKING:
     from openai_miner.sources.local import LocalSource
@@ -41,6 +42,7 @@ class OpenAIMiner(Miner):
         axon: bt.Axon | None = None,
     ) -> None:
         super().__init__(config, wallet=wallet, subtensor=subtensor, axon=axon)
+        self.system_prompts = load_system_prompts(self.config.neuron.prompts_dir, self.config.neuron.system_prompt)
         key = api_key or layered_env().get("OPENAI_API_KEY") or None
         self._api_key = SecretStr(key) if key else None
         self.source, self._backend = (source, source.name) if source else self.build_source()
@@ -70,6 +72,17 @@ class OpenAIMiner(Miner):
         parser.add_argument(
             "--openai.max_retries", type=at_least(0), default=2,
             help="Retries of a transient upstream error before the first token, within the deadline.",
+        )
+
+        parser.add_argument(
+            "--neuron.system_prompt", type=str, default=None,
+            help="One system prompt for every task, instead of the per-task templates of prompts/ "
+            "(a system message sent by the validator still wins).",
+        )
+        parser.add_argument(
+            "--neuron.prompts_dir", type=str, default=None,
+            help="Directory of <task>.txt system prompt templates, each replacing the packaged one of "
+            "that task (generic.txt: tasks without one).",
         )
 
         parser.add_argument(
@@ -178,7 +191,7 @@ class OpenAIMiner(Miner):
             return to_chat_messages(
                 synapse.roles,
                 synapse.messages,
-                system_prompt=self.config.neuron.system_prompt,
+                system_prompt=self.system_prompts.for_task(synapse.task_name),
                 max_chars=self.config.neuron.max_prompt_chars,
             )
         except InvalidPrompt as invalid:

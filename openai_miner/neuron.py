@@ -18,7 +18,6 @@ import threading
 import time
 import typing
 from collections import OrderedDict
-from importlib import resources
 from typing import Iterator, Mapping, Sequence
 
 import bittensor as bt
@@ -33,10 +32,6 @@ from openai_miner.config import add_bool, at_least, build_config
 from openai_miner.protocol import StreamPromptingSynapse
 
 StreamingResponse = StreamPromptingSynapse.BTStreamingResponse
-
-
-def default_system_prompt() -> str:
-    return resources.files("openai_miner").joinpath("prompts/system.txt").read_text("utf-8").strip()
 
 
 class StartupError(RuntimeError):
@@ -284,10 +279,6 @@ class Miner(abc.ABC):
         bt.logging.add_args(parser)
         parser.add_argument("--netuid", type=at_least(0), default=1, help="Subnet to mine on (1 is prompting).")
         add_bool(parser, "--mock", default=False, help="Run on an in-process mock chain: no network, no registration.")
-        parser.add_argument(
-            "--neuron.system_prompt", type=str, default=default_system_prompt(),
-            help="System prompt used unless the validator sends its own.",
-        )
         parser.add_argument(
             "--neuron.streaming_batch_size", type=at_least(1), default=12,
             help="Tokens per streamed chunk (SN1 validators penalise chunks over 200 tokens).",

@@ -1,7 +1,8 @@
 """`StreamPromptingSynapse`: the wire contract with subnet 1 ("prompting") validators.
 
 The class name is the axon route, and the fields are SN1's, so SN1 validators talk to this miner
-unchanged. Newer validators send ``task_name``, ``target_model`` and ``seed``; they are accepted.
+unchanged. Newer validators send ``task_name`` (which chooses the system prompt, see
+:mod:`openai_miner.system_prompts`), ``target_model`` and ``seed``; all are accepted.
 """
 
 import asyncio

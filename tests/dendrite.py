@@ -32,9 +32,10 @@ async def ask(
     roles: list[str],
     messages: list[str],
     timeout: float = 10.0,
+    task_name: str | None = None,
 ) -> Answer:
     answer = Answer(started=time.monotonic())
-    synapse = StreamPromptingSynapse(roles=roles, messages=messages)
+    synapse = StreamPromptingSynapse(roles=roles, messages=messages, task_name=task_name)
     responses = await dendrite.forward(
         axons=[axon.info()], synapse=synapse, timeout=timeout, deserialize=False, streaming=True
     )

@@ -19,7 +19,7 @@ def test_defaults() -> None:
     assert config.blacklist.force_validator_permit is True
     assert config.blacklist.allow_non_registered is False
     assert config.openai.base_url is None
-    assert "helpful" in config.neuron.system_prompt
+    assert config.neuron.system_prompt is None and config.neuron.prompts_dir is None  # per-task templates
 
 
 def test_precedence_cli_over_env_over_dotenv_over_default(tmp_path: Path) -> None:

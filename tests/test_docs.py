@@ -34,3 +34,11 @@ def test_ci_runs_readme_commands() -> None:
     readme = (ROOT / "README.md").read_text("utf-8")
     assert "readme_command install" in ci and "readme_command test" in ci
     assert "<!-- ci:install -->" in readme and "<!-- ci:test -->" in readme
+
+
+def test_every_prompt_template_is_documented() -> None:
+    readme = (ROOT / "README.md").read_text("utf-8")
+    templates = sorted((ROOT / "prompts").glob("*.txt"))
+    assert templates
+    for path in templates:
+        assert f"`prompts/{path.name}`" in readme, f"README lacks prompts/{path.name}"

@@ -372,6 +372,8 @@ def test_flag_values_the_miner_cannot_use_exit_2(tmp_path, capsys, argv, expecte
         (["--axon.port", "80"], {}, "--axon.port (or AXON_PORT) is 80"),
         ([], {"FALLBACK_CONCURRENCY": "0"}, "FALLBACK_CONCURRENCY='0': must be at least 1"),
         ([], {"NEURON_STREAMING_BATCH_SIZE": "-3"}, "NEURON_STREAMING_BATCH_SIZE='-3': must be at least 1"),
+        (["--neuron.prompts_dir", "/no/such/prompts"], {}, "'/no/such/prompts' is not a directory"),
+        ([], {"NEURON_PROMPTS_DIR": "/no/such/prompts"}, "NEURON_PROMPTS_DIR) '/no/such/prompts' is not a directory"),
     ],
 )
 def test_settings_the_miner_cannot_use_exit_2(tmp_path, monkeypatch, capsys, argv, env, expected) -> None:

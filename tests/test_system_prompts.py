@@ -1,6 +1,7 @@
 """Per-task system prompts: the packaged templates of prompts/, overrides, and how they install."""
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -108,12 +109,18 @@ async def test_validator_task_name_chooses_the_system_prompt_sent_upstream(serve
 
 def test_pip_install_not_editable_ships_the_prompts(tmp_path: Path) -> None:
     """A wheel and an sdist built from this checkout carry prompts/, and the installed wheel finds them."""
+    source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info beside setup.py
+    source.mkdir()
+    for name in ("setup.py", "setup.cfg", "README.md"):
+        shutil.copy(ROOT / name, source)
+    for name in ("openai_miner", "prompts"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     built = tmp_path / "dist"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(built), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(built), str(source)],
         check=True, cwd=tmp_path,
     )
-    subprocess.run([sys.executable, "setup.py", "--quiet", "sdist", "--dist-dir", str(built)], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "setup.py", "--quiet", "sdist", "--dist-dir", str(built)], check=True, cwd=source)
     names = {path.name for path in PROMPTS.glob("*.txt")}
     assert {f"{task}.txt" for task in [*SN1_TASKS, DEFAULT_TASK]} <= names
     (wheel,) = built.glob("*.whl")

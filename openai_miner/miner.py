@@ -144,7 +144,15 @@ class OpenAIMiner(Miner):
             try:
                 local.load()
             except Exception as error:
-                raise StartupError(f"cannot load the local model {local.model!r}: {error}") from error
+                if primary is None:
+                    raise StartupError(f"cannot load the local model {local.model!r}: {error}") from error
+                # The upstream can still answer: serve, and let the first failure try the load again.
+                bt.logging.error(
+                    f"cannot load the local fallback model {local.model!r} ({type(error).__name__}: {error}); "
+                    "serving from the upstream, the first upstream failure tries the load again; "
+                    "fix --fallback.model or pass --fallback.off"
+                )
+                described += " (failed to load at start)"
         fallback = self.config.fallback
         return FallbackSource(primary, local, CircuitBreaker(fallback.failures, fallback.cooldown)), described
 

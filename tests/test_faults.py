@@ -8,6 +8,7 @@ cannot say, so any answer mixing the two models would show.
 
 import asyncio
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -269,6 +270,25 @@ async def test_upstream_failing_every_request_is_answered_locally_lazy_or_preloa
     assert attempts == 3 * 3  # each request tried the upstream (and its retries) first
     assert all(a.status == 200 and is_local(a.text) for a in answers)
     assert caplog.text.count("loading the local model") == (1 if lazy else 0)  # once, not per request
+
+
+async def test_a_fallback_that_cannot_load_at_start_does_not_stop_a_keyed_miner(
+    serve_miner, validator, tiny_model, tmp_path, caplog, monkeypatch
+) -> None:
+    """Preloading is the default now: a bad --fallback.model must not cost the upstream's uptime."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-key")
+    model = tmp_path / "model"  # not there at start: a typo, a disk not yet mounted...
+    with LoopbackUpstream(tokens=TOKENS) as up, caplog.at_level("ERROR"):
+        miner = serve_miner("--openai.base_url", up.base_url, "--fallback.model", str(model), "--fallback.device", "cpu")
+        assert "failed to load at start" in miner.backend() and not miner.source.local.loaded
+        assert "cannot load the local fallback model" in caplog.text
+        async with bt.Dendrite(wallet=validator) as dendrite:
+            served = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=TIMEOUT)
+            shutil.copytree(tiny_model, model)  # fixed while serving: the next failure loads it
+            up.fault = Fault(status=500)
+            rescued = await ask(dendrite, miner.axon, ["user"], ["hello again"], timeout=30)
+    assert served.status == 200 and served.text == FULL
+    assert rescued.status == 200 and is_local(rescued.text) and miner.source.local.loaded
 
 
 @pytest.mark.slow

@@ -76,6 +76,13 @@ def test_preload_is_on_by_default_and_no_flag_turns_it_off(
     assert parse(argv, env).fallback.preload is expected
 
 
+def test_every_flag_on_by_default_has_a_no_form() -> None:
+    config = parse(["--no-blacklist.force_validator_permit"], {"BLACKLIST_FORCE_VALIDATOR_PERMIT": "true"})
+    assert config.blacklist.force_validator_permit is False
+    with pytest.raises(SystemExit):  # off by default: no --no- form to confuse anyone
+        parse(["--no-mock"], {})
+
+
 def test_bool_from_environment() -> None:
     config = parse([], {"BLACKLIST_FORCE_VALIDATOR_PERMIT": "false", "MOCK": "yes"})
     assert config.blacklist.force_validator_permit is False and config.mock is True

@@ -140,7 +140,8 @@ class OpenAIMiner(Miner):
         else:
             described = f"{upstream}, falling back to {described}"
         if primary is None or self.config.fallback.preload:
-            bt.logging.info(f"loading the local model {local.model} before serving (--no-fallback.preload: on first use)")
+            later = " (--no-fallback.preload: at the first upstream failure)" if primary else ""
+            bt.logging.info(f"loading the local model {local.model} before serving{later}")
             try:
                 local.load()
             except Exception as error:

@@ -272,6 +272,22 @@ async def test_upstream_failing_every_request_is_answered_locally_lazy_or_preloa
     assert caplog.text.count("loading the local model") == (1 if lazy else 0)  # once, not per request
 
 
+@pytest.mark.parametrize("key", ["sk-test-not-a-key", None])
+async def test_the_start_up_load_offers_the_lazy_load_only_when_the_upstream_can_answer_meanwhile(
+    serve_miner, tiny_model, caplog, monkeypatch, key: str | None
+) -> None:
+    if key:
+        monkeypatch.setenv("OPENAI_API_KEY", key)
+    try:
+        with caplog.at_level("INFO"):
+            miner = serve_miner("--fallback.model", tiny_model, "--fallback.device", "cpu", "--logging.info")
+    finally:
+        bt.logging.set_info(False)  # back to the default level for the tests that follow
+    (line,) = [message for message in caplog.messages if "before serving" in message]
+    assert miner.source.local.loaded
+    assert ("--no-fallback.preload" in line) is bool(key)  # without a key nothing else could answer
+
+
 async def test_a_fallback_that_cannot_load_at_start_does_not_stop_a_keyed_miner(
     serve_miner, validator, tiny_model, tmp_path, caplog, monkeypatch
 ) -> None:

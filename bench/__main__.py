@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+from bench import procstat
 from bench.measure import KINDS, Bench, Settings, log
 from bench.report import markdown
 
@@ -60,18 +60,6 @@ def settings_of(args: argparse.Namespace) -> Settings:
     )
 
 
-def machine() -> str:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores{', ' + model if model else ''}, Python {platform.python_version()}"
-
-
 def run(settings: Settings, workdir: Path) -> dict:
     from bench.serve import MinerProcess
     from bench.upstream import UpstreamProcess
@@ -108,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = {
         "meta": {
             "command": shlex.join(["python", "-m", "bench", *argv]),
-            "machine": machine(),
+            "machine": procstat.machine(),
             "bittensor": bittensor.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "seconds": round(time.monotonic() - started, 1),

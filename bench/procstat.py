@@ -1,6 +1,7 @@
-"""The bench's child processes: CPU time and memory read from ``/proc`` (Linux only, no psutil), and stopping them."""
+"""The bench's processes and machine: CPU time and memory read from ``/proc`` (Linux only, no psutil), stopping them."""
 
 import os
+import platform
 import subprocess
 from pathlib import Path
 
@@ -34,15 +35,31 @@ def reset_peak(pid: int | str) -> bool:
 
 
 def stop(process: "subprocess.Popen[str]") -> None:
-    """End a bench child: close its stdin (its signal to exit), then terminate, then kill."""
-    if process.poll() is not None:
-        return
-    process.stdin.close()
-    for escalate in (None, process.terminate, process.kill):
-        if escalate is not None:
-            escalate()
+    """End a bench child: close its stdin (its signal to exit) if it has one, then terminate, then kill."""
+    if process.stdin is not None and process.poll() is None:
+        process.stdin.close()
         try:
-            process.wait(timeout=10 if escalate is None else 5)
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    for escalate in (process.terminate, process.kill):
+        if process.poll() is not None:
             return
+        escalate()
+        try:
+            process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             continue
+
+
+def machine() -> str:
+    """Cores, CPU model and Python version: what the figures were measured on."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores{', ' + model if model else ''}, Python {platform.python_version()}"

@@ -71,6 +71,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def axon_info(port: int, hotkey: str, coldkey: str):
+    """What a validator dials: a miner's axon on 127.0.0.1."""
+    from bittensor.core.chain_data import AxonInfo
+
+    return AxonInfo(
+        version=0, ip="127.0.0.1", ip_type=4, port=port, hotkey=hotkey,
+        coldkey=coldkey, protocol=4, placeholder1=0, placeholder2=0,
+    )
+
+
 class MinerProcess:
     """Starts ``python -m bench.serve`` and reads its CPU time and memory from ``/proc``."""
 
@@ -116,12 +126,7 @@ class MinerProcess:
         return self.process.pid
 
     def axon_info(self):
-        from bittensor.core.chain_data import AxonInfo
-
-        return AxonInfo(
-            version=0, ip="127.0.0.1", ip_type=4, port=self.port, hotkey=self.info["hotkey"],
-            coldkey=self.info["coldkey"], protocol=4, placeholder1=0, placeholder2=0,
-        )
+        return axon_info(self.port, self.info["hotkey"], self.info["coldkey"])
 
     def cpu_seconds(self) -> float:
         return procstat.cpu_seconds(self.pid)

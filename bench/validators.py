@@ -69,10 +69,10 @@ class Validators:
             self._dendrites.append(dendrite)
         return self._dendrites[index]
 
-    async def ask(self, index: int, axon: object, marker: str, timeout: float) -> Stream:
-        """Ask for one streamed answer; every chunk's arrival is timed as the validator sees it."""
+    async def ask(self, index: int, axon: object, marker: str, timeout: float, message: str | None = None) -> Stream:
+        """Ask for one streamed answer (``message``, by default the marked prompt); every chunk timed."""
         dendrite = self.dendrite(index)
-        synapse = StreamPromptingSynapse(roles=["user"], messages=[prompt(marker)])
+        synapse = StreamPromptingSynapse(roles=["user"], messages=[message or prompt(marker)])
         stream = Stream(marker=marker, started=time.monotonic())
         parts: list[str] = []
         tokens = 0

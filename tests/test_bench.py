@@ -1,6 +1,7 @@
-"""The benchmark's smoke run: it runs end to end on 127.0.0.1 and writes its JSON (figures unchecked).
+"""The benchmarks' smoke runs: each runs end to end on 127.0.0.1 and writes its JSON (timings unchecked).
 
-CI runs only this; the benchmark itself is ``python -m bench`` (see README).
+CI runs only these; the benchmarks themselves are ``python -m bench`` and
+``python -m bench.first_failure`` (see README).
 """
 
 import json
@@ -12,15 +13,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_smoke_run_writes_results(tmp_path: Path) -> None:
+def run_bench(module: str, *args: str, cwd: Path, timeout: float) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
         env.pop(name, None)
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--no-plot", "--out", str(tmp_path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_smoke_run_writes_results(tmp_path: Path) -> None:
+    run_bench("bench", "--smoke", "--no-plot", "--out", str(tmp_path), cwd=tmp_path, timeout=120)
 
     results = json.loads((tmp_path / "latest.json").read_text())
     assert (tmp_path / "latest.md").read_text().startswith("Command: `python -m bench --smoke")
@@ -38,3 +42,21 @@ def test_smoke_run_writes_results(tmp_path: Path) -> None:
         assert data["soak"]["errors"] < data["soak"]["requests"] and data["soak"]["rss_mb"]["0"] > 0
     assert results["baseline_over_miner"][streams[-1]]["wall"] > 0
     assert {target["target"] for target in results["targets"]} and results["meta"]["command"]
+
+
+def test_first_failure_bench_answers_every_first_failing_request_lazy_or_preloaded(tmp_path: Path, tiny_model: str) -> None:
+    """The real ``openai-miner`` process, upstream 500: every validator gets local text in both modes."""
+    run_bench(
+        "bench.first_failure", "--runs", "1", "--validators", "2", "--timeout", "30", "--model", tiny_model,
+        "--out", str(tmp_path), cwd=tmp_path, timeout=240,
+    )
+    results = json.loads((tmp_path / "first_failure.json").read_text())
+    assert (tmp_path / "first_failure.md").read_text().startswith("Command: `python -m bench.first_failure")
+    assert set(results["modes"]) == {"preloaded", "lazy"}
+    for mode, figures in results["modes"].items():
+        (run,) = figures["runs"]
+        assert [s["status"] for s in run["streams"]] == [200, 200], (mode, run)
+        assert all(s["chars"] > 0 and s["ttfc_s"] is not None for s in run["streams"]), (mode, run)
+        assert figures["answered"] == figures["asked"] == 2
+        # the lazy load is announced once, not per waiting request; a preloaded model never waits
+        assert run["load_logged"] == (1 if mode == "lazy" else 0), (mode, run)

@@ -278,11 +278,8 @@ async def test_the_start_up_load_offers_the_lazy_load_only_when_the_upstream_can
 ) -> None:
     if key:
         monkeypatch.setenv("OPENAI_API_KEY", key)
-    try:
-        with caplog.at_level("INFO"):
-            miner = serve_miner("--fallback.model", tiny_model, "--fallback.device", "cpu", "--logging.info")
-    finally:
-        bt.logging.set_info(False)  # back to the default level for the tests that follow
+    with caplog.at_level("INFO", logger="bittensor"):  # that logger only: torch's stay quiet
+        miner = serve_miner("--fallback.model", tiny_model, "--fallback.device", "cpu")
     (line,) = [message for message in caplog.messages if "before serving" in message]
     assert miner.source.local.loaded
     assert ("--no-fallback.preload" in line) is bool(key)  # without a key nothing else could answer

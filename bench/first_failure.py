@@ -26,9 +26,10 @@ from typing import Any, Sequence
 import bittensor as bt
 
 from bench import procstat
-from bench.serve import axon_info, free_port
+from bench.serve import axon_info
 from bench.stats import median
 from bench.validators import Validators
+from openai_miner.demo import free_port
 from openai_miner.loopback import Fault, LoopbackUpstream
 
 MODES = {"preloaded": [], "lazy": ["--no-fallback.preload"]}
@@ -58,15 +59,13 @@ def start_miner(
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env, text=True), port
 
 
-def wait_ready(process: "subprocess.Popen[str]", log: Path, timeout: float) -> str:
-    """The miner's summary line, once it serves; its log's tail if it never does."""
+def wait_ready(process: "subprocess.Popen[str]", log: Path, timeout: float) -> None:
+    """Return once the miner prints its summary line (it serves); raise with its log's tail if it never does."""
     end = time.monotonic() + timeout
     while time.monotonic() < end and process.poll() is None:
-        for line in log.read_text().splitlines():
-            if line.startswith(READY):
-                return line
+        if any(line.startswith(READY) for line in log.read_text().splitlines()):
+            return
         time.sleep(0.05)
-    procstat.stop(process)
     raise RuntimeError(f"the miner did not serve within {timeout:g}s:\n{log.read_text()[-3000:]}")
 
 

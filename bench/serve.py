@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from bench import procstat
+from openai_miner.demo import free_port
 
 KINDS = ("miner", "baseline")
 
@@ -61,14 +62,6 @@ def serve(kind: str, upstream: str, port: int, workdir: Path, batch_size: int) -
     sys.stdin.read()  # until the benchmark closes the pipe (or dies)
     miner.stop_run_thread()
     os._exit(0)  # the axon's uvicorn thread does not stop by itself
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def axon_info(port: int, hotkey: str, coldkey: str):

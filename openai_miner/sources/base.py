@@ -1,6 +1,7 @@
 """The one small interface every token source implements (like an httpx transport)."""
 
 import asyncio
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from langchain_core.messages import BaseMessage
@@ -18,18 +19,55 @@ class NoAnswer(UpstreamError):
     """
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """One request's generation settings, as a front received them; ``None`` keeps the source's own.
+
+    ``top_logprobs`` asks for log-probabilities: each token then arrives as a :class:`Token`
+    carrying its own and the ``top_logprobs`` most likely alternatives (0: its own only).
+    """
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    top_logprobs: int | None = None
+
+
+DEFAULT_SAMPLING = Sampling()
+
+
+@dataclass(frozen=True)
+class Token:
+    """One token with its log-probability and its most likely alternatives, best first."""
+
+    text: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
 class TokenSource(Protocol):
     """Produces the text of one answer, token by token, onto a queue.
 
     ``produce`` puts each non-empty token on ``queue`` as soon as it exists and returns when the
-    answer is complete. It raises (ideally :class:`UpstreamError`) when it cannot answer. It must
-    stop promptly, releasing upstream connections or compute, when its task is cancelled: the drain
-    cancels it at the request's deadline or when the validator goes away. ``deadline`` is a
-    ``time.monotonic()`` instant after which nothing produced will be sent; retries must fit before it.
+    answer is complete: a ``str``, or a :class:`Token` when ``sampling.top_logprobs`` is set. It
+    raises (ideally :class:`UpstreamError`) when it cannot answer. It must stop promptly, releasing
+    upstream connections or compute, when its task is cancelled: the drain cancels it at the
+    request's deadline or when the validator goes away. ``deadline`` is a ``time.monotonic()``
+    instant after which nothing produced will be sent; retries must fit before it.
+    ``describe()`` names what answers, for logs and summaries (never a key).
     """
 
     name: str
 
     async def produce(
-        self, messages: Sequence[BaseMessage], queue: "asyncio.Queue[str]", deadline: float
+        self,
+        messages: Sequence[BaseMessage],
+        queue: "asyncio.Queue[str | Token]",
+        deadline: float,
+        sampling: Sampling = DEFAULT_SAMPLING,
     ) -> None: ...
+
+    def describe(self) -> str: ...

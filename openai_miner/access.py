@@ -1,16 +1,52 @@
-"""Who may query this miner, and who goes first: the blacklist and priority decisions.
+"""Who may query this miner, who goes first, and how often: one :class:`Access` every front shares.
 
 Secure by default: a hotkey must be registered on the subnet and hold a validator permit, unless
-the operator relaxes that; whitelisted hotkeys are always allowed. Pure functions over a
-:class:`~openai_miner.chain.Registry` snapshot, so they cost microseconds per request.
+the operator relaxes that; whitelisted hotkeys are always allowed. The decisions read a
+:class:`~openai_miner.chain.Registry` snapshot, so they cost microseconds per request. Checks come
+in two steps because signatures are expensive: :meth:`Access.refusal` needs only the claimed
+hotkey and runs before any signature work; :meth:`Access.admit` (rate limit, repeated prompts)
+runs after the signature proved the hotkey, so nobody can spend a real validator's allowance.
 """
 
+import argparse
+import hashlib
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
+
+import bittensor as bt
 
 from openai_miner.chain import Registry
+from openai_miner.config import add_bool, at_least
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    add_bool(
+        parser, "--blacklist.allow_non_registered", default=False,
+        help="Serve hotkeys that are not registered on the subnet.",
+    )
+    add_bool(
+        parser, "--blacklist.force_validator_permit", default=True,
+        help="Refuse registered hotkeys without a validator permit.",
+    )
+    parser.add_argument(
+        "--blacklist.whitelist", type=str, nargs="*", default=[], metavar="HOTKEY",
+        help="Hotkeys always served.",
+    )
+    parser.add_argument(
+        "--blacklist.min_stake", type=at_least(0, float), default=0.0,
+        help="Refuse hotkeys with less stake than this (TAO).",
+    )
+    parser.add_argument(
+        "--blacklist.max_requests_per_minute", type=at_least(0), default=600,
+        help="Requests one hotkey may make per minute before getting HTTP 429 (0 = no limit; "
+        "whitelisted hotkeys are not limited).",
+    )
+    parser.add_argument(
+        "--neuron.prompt_cache_seconds", type=at_least(0, float), default=0.0,
+        help="Refuse a conversation repeated within this many seconds (0 = off).",
+    )
 
 
 @dataclass(frozen=True)
@@ -19,6 +55,15 @@ class AccessPolicy:
     force_validator_permit: bool = True
     min_stake: float = 0.0
     whitelist: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_config(cls, config: bt.Config) -> "AccessPolicy":
+        return cls(
+            allow_non_registered=config.blacklist.allow_non_registered,
+            force_validator_permit=config.blacklist.force_validator_permit,
+            min_stake=config.blacklist.min_stake,
+            whitelist=frozenset(config.blacklist.whitelist or ()),
+        )
 
 
 def blacklist(hotkey: str | None, registry: Registry, policy: AccessPolicy) -> tuple[bool, str]:
@@ -46,11 +91,7 @@ def priority(hotkey: str | None, registry: Registry) -> float:
 
 
 class RateLimiter:
-    """At most ``per_minute`` requests per hotkey in any 60 s window (0 turns it off).
-
-    Checked only after the axon has verified the request's signature: the blacklist sees an
-    unverified hotkey, and limiting there would let anyone spend a real validator's allowance.
-    """
+    """At most ``per_minute`` requests per hotkey in any 60 s window (0 turns it off)."""
 
     def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.per_minute = per_minute
@@ -68,3 +109,78 @@ class RateLimiter:
             return False
         recent.append(now)
         return True
+
+
+class RecentPrompts:
+    """Refuses the same conversation twice within ``window`` seconds (off when ``window`` is 0)."""
+
+    def __init__(self, window: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = window
+        self._clock = clock
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    @staticmethod
+    def key(messages: Sequence[str]) -> str:
+        digest = hashlib.sha256()
+        for message in messages:
+            digest.update(message.encode("utf-8", errors="surrogatepass"))
+            digest.update(b"\x00")
+        return digest.hexdigest()
+
+    def check_and_remember(self, messages: Sequence[str]) -> bool:
+        """True if this conversation is new within the window (and remember it), else False."""
+        if self.window <= 0:
+            return True
+        now = self._clock()
+        while self._seen and next(iter(self._seen.values())) <= now - self.window:
+            self._seen.popitem(last=False)
+        key = self.key(messages)
+        if key in self._seen:
+            return False
+        self._seen[key] = now
+        return True
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request turned away before any model work: the HTTP status and a reason for the caller."""
+
+    status: int
+    reason: str
+
+
+class Access:
+    """The policy, the registry snapshot it reads, and the per-hotkey limits, for every front."""
+
+    def __init__(
+        self, policy: AccessPolicy, registry: Registry, limiter: RateLimiter, recent: RecentPrompts
+    ) -> None:
+        self.policy = policy
+        self.registry = registry
+        self.limiter = limiter
+        self.recent = recent
+
+    @classmethod
+    def from_config(cls, config: bt.Config, registry: Registry) -> "Access":
+        return cls(
+            AccessPolicy.from_config(config),
+            registry,
+            RateLimiter(config.blacklist.max_requests_per_minute),
+            RecentPrompts(config.neuron.prompt_cache_seconds),
+        )
+
+    def refusal(self, hotkey: str | None) -> Refusal | None:
+        """Whether this (claimed) hotkey may ask at all: 403 with the reason, or ``None``."""
+        refused, reason = blacklist(hotkey, self.registry, self.policy)
+        return Refusal(403, reason) if refused else None
+
+    def priority(self, hotkey: str | None) -> float:
+        return priority(hotkey, self.registry)
+
+    def admit(self, hotkey: str | None, conversation: Sequence[str]) -> Refusal | None:
+        """After the signature: the hotkey's rate limit, then a recently repeated conversation (429)."""
+        if hotkey not in self.policy.whitelist and not self.limiter.allow(hotkey or ""):
+            return Refusal(429, f"more than {self.limiter.per_minute} requests in a minute from this hotkey")
+        if not self.recent.check_and_remember(conversation):
+            return Refusal(429, f"the same conversation was asked within {self.recent.window:g}s")
+        return None

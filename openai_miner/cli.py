@@ -29,10 +29,21 @@ import bittensor as bt
 
 from openai_miner.config import ConfigError
 from openai_miner.miner import OpenAIMiner
-from openai_miner.neuron import StartupError
+from openai_miner.startup import StartupError
 
 EPILOG = 'Try it first with no chain, no wallet and no key: openai-miner demo "your prompt".'
 INTERRUPTED = 130
+
+
+def exit_code(error: BaseException) -> tuple[int, str]:
+    """The documented exit code of a start-up failure, and what to print for it."""
+    if isinstance(error, KeyboardInterrupt):
+        return INTERRUPTED, "interrupted"
+    if isinstance(error, ConfigError):
+        return 2, f"configuration error: {error}"
+    if isinstance(error, StartupError):
+        return error.exit_code, str(error)
+    raise error
 
 
 def summary(miner: OpenAIMiner) -> str:
@@ -61,15 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         miner = OpenAIMiner(OpenAIMiner.config(args, epilog=EPILOG))
         miner.start_axon()
-    except KeyboardInterrupt:
-        print("openai-miner: interrupted during start-up", file=sys.stderr)
-        return INTERRUPTED
-    except ConfigError as error:
-        print(f"openai-miner: configuration error: {error}", file=sys.stderr)
-        return 2
-    except StartupError as error:
-        print(f"openai-miner: {error}", file=sys.stderr)
-        return error.exit_code
+    except (KeyboardInterrupt, ConfigError, StartupError) as error:
+        code, message = exit_code(error)
+        print(f"openai-miner: {message}{' during start-up' * (code == INTERRUPTED)}", file=sys.stderr)
+        return code
     finally:
         if miner is not None and not miner.is_running:
             miner.stop_run_thread()

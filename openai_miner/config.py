@@ -14,12 +14,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import bittensor as bt
 from dotenv import dotenv_values
 
-# Namespaces whose flags may come from the environment. Others (bittensor's ``--config``,
-# ``--strict``...) would collide with unrelated variables such as ``CONFIG``.
-ENV_NAMESPACES = frozenset(
-    {"openai", "neuron", "blacklist", "fallback", "wallet", "subtensor", "axon", "logging", "netuid", "mock"}
-)
-
 TRUE = frozenset({"1", "true", "yes", "on", "y", "t"})
 FALSE = frozenset({"0", "false", "no", "off", "n", "f", ""})
 
@@ -56,6 +50,25 @@ def at_least(low: float, kind: Callable[[str], Any] = int, *, inclusive: bool = 
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+def port_problem(value: int, *, any_free: bool = False) -> str | None:
+    """Why ``value`` is no port a miner may serve on (1025-65534; 0 for any free one if ``any_free``)."""
+    if (any_free and value == 0) or 1024 < value < 65535:
+        return None
+    return f"must be {'0 (any free port) or ' if any_free else ''}between 1025 and 65534"
+
+
+def port_number(text: str) -> int:
+    """An argparse type for a port to serve on, 0 meaning any free one."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    problem = port_problem(value, any_free=True)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{problem}, got {value}")
+    return value
 
 
 def add_bool(parser: argparse.ArgumentParser, *flags: str, default: bool, help: str) -> None:
@@ -103,11 +116,12 @@ def layered_env(
 
 
 def env_dests(parser: argparse.ArgumentParser) -> Iterable[argparse.Action]:
+    """Every flag of the parser, but those that only act when given (``--help``, ``--no-flag``)
+    and bittensor's private ones (``--subtensor._mock``)."""
     for action in parser._actions:
-        head = action.dest.split(".")[0]
-        if action.default is argparse.SUPPRESS:  # only sets its dest when given (``--no-flag``)
+        if action.default is argparse.SUPPRESS or not action.option_strings:
             continue
-        if head in ENV_NAMESPACES and not any(part.startswith("_") for part in action.dest.split(".")):
+        if not any(part.startswith("_") for part in action.dest.split(".")):
             yield action
 
 
@@ -125,7 +139,7 @@ def apply_env(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
 
 
 def convert(action: argparse.Action, raw: str) -> Any:
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if action.nargs == 0:  # store_true / store_false: the variable names the value itself
         return str_to_bool(raw)
     to_value = action.type or str
     if action.nargs in ("*", "+"):
@@ -161,6 +175,7 @@ def build_config(
     apply_env(parser, layered_env() if env is None else env)
     namespace = parser.parse_args(argv)
     port = getattr(namespace, "axon.port", None)
-    if port is not None and not 1024 < port < 65535:  # bittensor would fail with a bare assert
-        raise ConfigError(f"--axon.port (or AXON_PORT) is {port}: it must be between 1025 and 65534")
+    problem = None if port is None else port_problem(port)  # bittensor would fail with a bare assert
+    if problem:
+        raise ConfigError(f"--axon.port (or AXON_PORT) is {port}: it {problem}")
     return bt.Config(parser=None, default=to_tree(vars(namespace)))

@@ -19,39 +19,32 @@ import argparse
 import asyncio
 import contextlib
 import os
-import socket
 import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable, Sequence, TextIO
-from unittest import mock
+from typing import Sequence, TextIO
 
 import bittensor as bt
 
-from openai_miner.chain import mock_subtensor, register_mock_neuron
-from openai_miner.config import ConfigError, at_least, layered_env
-from openai_miner.fallback import FallbackSource
+from openai_miner.cli import INTERRUPTED, exit_code
+from openai_miner.config import ConfigError, at_least, layered_env, port_number
 from openai_miner.miner import OpenAIMiner
-from openai_miner.neuron import StartupError, keys_missing
-from openai_miner.protocol import StreamPromptingSynapse
+from openai_miner.sources.fallback import FallbackSource
+from openai_miner.startup import StartupError
+from openai_miner.chain import mock_subtensor
+from openai_miner.testing.localnet import (
+    NETUID,
+    free_port,
+    make_wallet,
+    miner_argv,
+    offline_ip,
+    register_validator,
+)
+from openai_miner.testing.validator import Answer, ask
 
-NETUID = 1
-VALIDATOR_STAKE = 1000.0
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
 PREVIEW_CHARS = 60
-INTERRUPTED = 130
-
-
-def port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if value != 0 and not 1024 < value < 65535:
-        raise argparse.ArgumentTypeError(f"must be 0 (any free port) or between 1025 and 65534, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,136 +97,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@dataclass
-class Answer:
-    """What one validator saw."""
-
-    index: int
-    hotkey: str
-    chunks: list[str] = field(default_factory=list)
-    first_chunk: float | None = None  # seconds after the request left
-    total: float = 0.0
-    status: int | None = None
-    message: str = ""
-
-    @property
-    def text(self) -> str:
-        return "".join(self.chunks)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == 200 and bool(self.text.strip())
-
-    def problem(self, timeout: float) -> str:
-        if self.ok:
-            return ""
-        if self.status == 408:
-            got = f"{len(self.chunks)} chunks arrived" if self.chunks else "nothing arrived"
-            return f"timed out after {timeout:g}s ({got}): raise --timeout or lower --max-tokens"
-        if self.status == 200:
-            return "the miner answered with nothing (did its upstream fail? --verbose shows the miner's log)"
-        return f"status {self.status}: {self.message or 'no message'}"
+def problem(answer: Answer, timeout: float) -> str:
+    """Why a validator got no answer, and what to try; empty when it got one."""
+    if answer.ok:
+        return ""
+    if answer.error:
+        return answer.error
+    if answer.status == 408:
+        got = f"{len(answer.chunks)} chunks arrived" if answer.chunks else "nothing arrived"
+        return f"timed out after {timeout:g}s ({got}): raise --timeout or lower --max-tokens"
+    if answer.status == 200:
+        return "the miner answered with nothing (did its upstream fail? --verbose shows the miner's log)"
+    return f"status {answer.status}: {answer.message or 'no message'}"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def make_wallet(path: str, name: str) -> bt.Wallet:
-    wallet = bt.Wallet(name=name, hotkey="default", path=path)
-    if keys_missing(wallet):  # asked when the keys exist, it prints "already exists" even suppressed
-        wallet.create_if_non_existent(coldkey_use_password=False, hotkey_use_password=False, suppress=True)
-    return wallet
-
-
-def miner_argv(args: argparse.Namespace, wallet_dir: str, port: int) -> list[str]:
-    """The miner's flags: the demo's choices, plus fixed ones so stray variables cannot break it."""
-    argv = [
-        "--mock", "--netuid", str(NETUID),
-        "--wallet.path", wallet_dir, "--wallet.name", "demo-miner", "--wallet.hotkey", "default",
-        "--axon.port", str(port), "--axon.external_ip", "127.0.0.1",
+def demo_flags(args: argparse.Namespace) -> list[str]:
+    """The miner's flags for the demo's choices, plus fixed ones so stray variables cannot break it."""
+    flags = [
         "--neuron.streaming_batch_size", str(args.batch_size),
         "--neuron.prompt_cache_seconds", "0",  # the validators all ask the same thing
         "--blacklist.allow_non_registered", "false", "--blacklist.force_validator_permit", "true",
         "--blacklist.min_stake", "0",
     ]
     if args.base_url:
-        argv += ["--openai.base_url", args.base_url]
+        flags += ["--openai.base_url", args.base_url]
     if args.model:
-        argv += ["--openai.model_name", args.model]
+        flags += ["--openai.model_name", args.model]
     if args.local_model:
-        argv += ["--fallback.model", args.local_model]
+        flags += ["--fallback.model", args.local_model]
     if args.max_tokens:
-        argv += ["--openai.max_tokens", str(args.max_tokens), "--fallback.max_new_tokens", str(args.max_tokens)]
+        flags += ["--openai.max_tokens", str(args.max_tokens), "--fallback.max_new_tokens", str(args.max_tokens)]
     if args.no_fallback:
-        argv += ["--fallback.off"]
+        flags += ["--fallback.off"]
     if args.verbose:
-        argv += ["--logging.debug"]
-    return argv
+        flags += ["--logging.debug"]
+    return flags
 
 
-def describe(miner: OpenAIMiner, name: str) -> str:
-    """A backend name from ``FallbackSource.answered`` in words."""
-    config = miner.config
-    if name == "openai":
-        return f"openai ({config.openai.model_name} at {config.openai.base_url or 'OpenAI'})"
-    source = miner.source
-    local = source.local if isinstance(source, FallbackSource) else source
-    if name == "local" and local is not None and hasattr(local, "model"):
-        return f"local ({os.path.basename(str(local.model))} on {getattr(local, 'device', '?')})"
-    return name
-
-
-def answered_by(miner: OpenAIMiner, before: Counter) -> str:
-    source = miner.source
+def answered_by(source: object, before: Counter) -> str:
+    """Which sources finished answers since ``before``, in words."""
     if not isinstance(source, FallbackSource):
-        return describe(miner, source.name)
+        return source.describe()  # type: ignore[attr-defined]
+    members = source.members()
     counts = source.answered - before
     if not counts:  # cut at the deadline or failed: the source never finished an answer
         if source.primary is None and source.local is not None:
-            return f"{describe(miner, source.local.name)}, unfinished"
-        return f"unknown: no answer finished ({miner.backend()})"
+            return f"{source.local.describe()}, unfinished"
+        return f"unknown: no answer finished ({source.describe()})"
     if len(counts) == 1 and sum(counts.values()) == 1:
-        return describe(miner, next(iter(counts)))
-    return ", ".join(f"{describe(miner, name)} x{count}" for name, count in counts.most_common())
-
-
-async def ask(
-    wallet: bt.Wallet,
-    axon: bt.AxonInfo,
-    prompt: str,
-    timeout: float,
-    index: int,
-    on_chunk: Callable[[str], None] | None = None,
-) -> Answer:
-    answer = Answer(index=index, hotkey=wallet.hotkey.ss58_address)
-    synapse = StreamPromptingSynapse(roles=["user"], messages=[prompt])
-    async with bt.Dendrite(wallet=wallet) as dendrite:
-        started = time.monotonic()
-        responses = await dendrite.forward(
-            axons=[axon], synapse=synapse, timeout=timeout, deserialize=False, streaming=True
-        )
-        async for item in responses[0]:
-            if isinstance(item, StreamPromptingSynapse):
-                answer.status = _int(item.dendrite.status_code) if item.dendrite else None
-                answer.message = (item.dendrite.status_message if item.dendrite else "") or ""
-                continue
-            if answer.first_chunk is None:
-                answer.first_chunk = time.monotonic() - started
-            answer.chunks.append(item)
-            if on_chunk is not None:
-                on_chunk(item)
-        answer.total = time.monotonic() - started
-    return answer
-
-
-def _int(value: object) -> int | None:
-    try:
-        return int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
+        return members[next(iter(counts))].describe()
+    return ", ".join(f"{members[name].describe()} x{count}" for name, count in counts.most_common())
 
 
 def _seconds(value: float | None) -> str:
@@ -247,31 +160,32 @@ def summary_line(answer: Answer) -> str:
     )
 
 
-def compact_line(answer: Answer, count: int) -> str:
+def compact_line(index: int, answer: Answer, count: int) -> str:
     preview = " ".join(answer.text.split())
     if len(preview) > PREVIEW_CHARS:
         preview = preview[: PREVIEW_CHARS - 1] + "…"
     width = len(str(count))
-    return f"[{answer.index + 1:>{width}}/{count}] {summary_line(answer)} | {preview!r}"
+    return f"[{index + 1:>{width}}/{count}] {summary_line(answer)} | {preview!r}"
 
 
 async def ask_all(
     validators: Sequence[bt.Wallet], axon: bt.AxonInfo, prompt: str, timeout: float, out: TextIO
 ) -> list[Answer]:
-    if len(validators) == 1:
-        def show(chunk: str) -> None:
-            out.write(chunk)
-            out.flush()
-
-        answer = await ask(validators[0], axon, prompt, timeout, 0, show)
-        out.write("\n")
-        out.flush()
-        return [answer]
-
     async def one(index: int, wallet: bt.Wallet) -> Answer:
-        answer = await ask(wallet, axon, prompt, timeout, index)
-        print(compact_line(answer, len(validators)), file=out, flush=True)
-        return answer
+        async with bt.Dendrite(wallet=wallet) as dendrite:
+            if len(validators) > 1:
+                answer = await ask(dendrite, axon, ["user"], [prompt], timeout, label=str(index))
+                print(compact_line(index, answer, len(validators)), file=out, flush=True)
+                return answer
+
+            def show(chunk: str) -> None:
+                out.write(chunk)
+                out.flush()
+
+            answer = await ask(dendrite, axon, ["user"], [prompt], timeout, on_chunk=show)
+            out.write("\n")
+            out.flush()
+            return answer
 
     return list(await asyncio.gather(*(one(i, w) for i, w in enumerate(validators))))
 
@@ -281,8 +195,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     out = out or sys.stdout
     err = err or sys.stderr
     with contextlib.ExitStack() as stack:
-        # Offline: bittensor would ask the internet for this machine's public IP.
-        stack.enter_context(mock.patch("bittensor.utils.networking.get_external_ip", return_value="127.0.0.1"))
+        stack.enter_context(offline_ip())  # bittensor would ask the internet for this machine's IP
         miner: OpenAIMiner | None = None
         try:
             if args.wallet_dir:
@@ -291,14 +204,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 wallet_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="openai-miner-demo-"))
             env = layered_env()
             port = args.port or free_port()
-            config = OpenAIMiner.config(miner_argv(args, wallet_dir, port), env=env)
+            argv = miner_argv(wallet_dir, port, *demo_flags(args), name="demo-miner")
+            config = OpenAIMiner.config(argv, env=env)
             validators = [make_wallet(wallet_dir, f"demo-validator-{i}") for i in range(args.concurrency)]
             chain = mock_subtensor(NETUID)
             for wallet in validators:
-                register_mock_neuron(
-                    chain, NETUID, wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address,
-                    stake=VALIDATOR_STAKE, validator_permit=True,
-                )
+                register_validator(chain, wallet)
             local_first = not env.get("OPENAI_API_KEY") and not config.openai.base_url
             preloading = not config.fallback.off and (local_first or config.fallback.preload)
             if preloading:
@@ -327,7 +238,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             started = time.monotonic()
             answers = asyncio.run(ask_all(validators, miner.axon.info(), args.prompt, args.timeout, out))
             wall = time.monotonic() - started
-            backend = answered_by(miner, before)
+            backend = answered_by(miner.source, before)
             print("---", file=out)
             if len(answers) == 1:
                 print(f"{summary_line(answers[0])} | backend {backend}", file=out, flush=True)
@@ -338,11 +249,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                     file=out, flush=True,
                 )
             failed = [answer for answer in answers if not answer.ok]
-            for answer in failed:
-                print(
-                    f"openai-miner demo: validator {answer.index + 1} got no answer: {answer.problem(args.timeout)}",
-                    file=err, flush=True,
-                )
+            for index, answer in enumerate(answers):
+                if not answer.ok:
+                    print(
+                        f"openai-miner demo: validator {index + 1} got no answer: {problem(answer, args.timeout)}",
+                        file=err, flush=True,
+                    )
             late = [a for a in answers if a.ok and a.total >= args.timeout - 1.0]
             if late:
                 print(
@@ -351,15 +263,11 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                     file=err, flush=True,
                 )
             return 1 if failed else 0
-        except ConfigError as error:
-            print(f"openai-miner demo: configuration error: {error}", file=err, flush=True)
-            return 2
-        except StartupError as error:
-            print(f"openai-miner demo: {error}", file=err, flush=True)
-            return error.exit_code
-        except KeyboardInterrupt:
-            print("\nopenai-miner demo: interrupted", file=err, flush=True)
-            return INTERRUPTED
+        except (KeyboardInterrupt, ConfigError, StartupError) as error:
+            code, message = exit_code(error)
+            newline = "\n" if code == INTERRUPTED else ""  # after ^C on the terminal
+            print(f"{newline}openai-miner demo: {message}", file=err, flush=True)
+            return code
         finally:
             if miner is not None:
                 miner.stop_run_thread()

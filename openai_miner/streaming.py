@@ -1,30 +1,36 @@
-"""The one drain: a source's tokens -> a queue -> ``send()`` in batches of N, ended before the deadline.
+"""The one drain: a source's tokens -> a queue -> a front's emitter in batches of N, ended before the deadline.
 
-Every answer, whatever produced it, goes through :func:`stream_answer`. It never blocks the event
+Every answer, whatever produced it and whichever front asked, goes through :func:`stream_answer`. It never blocks the event
 loop: the source runs as its own task and puts tokens on an ``asyncio.Queue``; a single timer puts
 a deadline marker on the same queue, so there is no per-token timeout. Whatever is buffered when
 the deadline comes is flushed (a partial answer still earns), then the source is cancelled.
-Bittensor ends the HTTP stream itself after the token streamer returns, so this never sends
-``more_body: False``: the stream ends exactly once.
+The drain decides when a batch goes out; the front's :data:`Emit` decides its bytes (the axon's
+``send()`` of the text, an SSE chunk of the HTTP front), and ends the stream itself.
 """
 
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Literal, MutableMapping, Sequence
+from typing import Awaitable, Callable, Literal, Sequence
 
 import bittensor as bt
 from langchain_core.messages import BaseMessage
 
-from openai_miner.sources.base import TokenSource
+from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling, Token, TokenSource
 
-Send = Callable[[MutableMapping[str, object]], Awaitable[None]]
+Emit = Callable[[Sequence["str | Token"]], Awaitable[None]]
+"""Writes one batch of tokens to the caller; raises when the caller is gone."""
 Outcome = Literal["complete", "deadline", "error", "disconnected"]
+
+
+def text_of(batch: Sequence["str | Token"]) -> str:
+    """The text of a batch, whether its tokens carry log-probabilities or not."""
+    return "".join(item if isinstance(item, str) else item.text for item in batch)
 
 
 @dataclass(frozen=True)
 class StreamResult:
-    """What happened to one answer; the miner logs it and tests assert on it."""
+    """What happened to one answer; the core logs it and tests assert on it."""
 
     outcome: Outcome
     tokens: int
@@ -54,16 +60,17 @@ def stream_deadline(timeout: float | None, *, now: float, margin: float) -> floa
 async def stream_answer(
     source: TokenSource,
     messages: Sequence[BaseMessage],
-    send: Send,
+    emit: Emit,
     *,
     batch_size: int,
     deadline: float,
+    sampling: Sampling = DEFAULT_SAMPLING,
 ) -> StreamResult:
-    """Stream ``source``'s answer to ``send`` in batches of exactly ``batch_size`` tokens.
+    """Stream ``source``'s answer to ``emit`` in batches of exactly ``batch_size`` tokens.
 
-    N tokens become ``ceil(N / batch_size)`` sends, whose text concatenates to the source's.
+    N tokens become ``ceil(N / batch_size)`` emits, whose text concatenates to the source's.
     Returns at the source's end, at ``deadline`` (after flushing), on a source error (after
-    flushing what came before it) or when ``send`` fails because the validator went away.
+    flushing what came before it) or when ``emit`` fails because the validator went away.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -72,7 +79,7 @@ async def stream_answer(
 
     async def run_source() -> None:
         try:
-            await source.produce(messages, queue, deadline)  # type: ignore[arg-type]
+            await source.produce(messages, queue, deadline, sampling)  # type: ignore[arg-type]
         except Exception as error:  # the drain reports it; the stream ends cleanly either way
             queue.put_nowait(_Failed(error))
         else:
@@ -80,22 +87,22 @@ async def stream_answer(
 
     producer = loop.create_task(run_source())
     timer = loop.call_later(max(0.0, deadline - time.monotonic()), queue.put_nowait, _DEADLINE)
-    buffer: list[str] = []
+    buffer: list[str | Token] = []
     tokens = sends = 0
     outcome: Outcome = "complete"
     error: BaseException | None = None
 
     async def flush() -> None:
         nonlocal sends
-        body = "".join(buffer).encode("utf-8")
+        batch = buffer.copy()
         buffer.clear()
-        await send({"type": "http.response.body", "body": body, "more_body": True})
+        await emit(batch)
         sends += 1
 
     try:
         while True:
             item = await queue.get()
-            if isinstance(item, str):
+            if isinstance(item, (str, Token)):
                 buffer.append(item)
                 tokens += 1
                 if len(buffer) == batch_size:
@@ -108,9 +115,9 @@ async def stream_answer(
             break
         if buffer:
             await flush()
-    except Exception as exc:  # a failed send: the validator is gone, nobody is reading
+    except Exception as exc:  # a failed emit: the validator is gone, nobody is reading
         outcome, error = "disconnected", exc
-        bt.logging.debug(f"stream ended: send failed ({type(exc).__name__}: {exc})")
+        bt.logging.debug(f"stream ended: emit failed ({type(exc).__name__}: {exc})")
     finally:
         timer.cancel()
         producer.cancel()

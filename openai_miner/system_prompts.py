@@ -11,6 +11,7 @@ The task name comes from the network: it is only ever looked up among the templa
 start-up, never turned into a path.
 """
 
+import argparse
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -23,6 +24,19 @@ if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 DEFAULT_TASK = "generic"
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--neuron.system_prompt", type=str, default=None,
+        help="One system prompt for every task, instead of the per-task templates of prompts/ "
+        "(a system message sent by the validator still wins).",
+    )
+    parser.add_argument(
+        "--neuron.prompts_dir", type=str, default=None,
+        help="Directory of <task>.txt system prompt templates, each replacing the packaged one of "
+        "that task (generic.txt: tasks without one).",
+    )
 
 # Names SN1 has used for the same tasks (class names, older names), as task keys.
 ALIASES = {

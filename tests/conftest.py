@@ -11,19 +11,13 @@ from typing import Callable, Iterator
 import bittensor as bt
 import pytest
 
-from openai_miner.chain import mock_subtensor, register_mock_neuron
-from openai_miner.demo import free_port
-from openai_miner.demo import make_wallet as demo_wallet
+from openai_miner.chain import mock_subtensor
 from openai_miner.miner import OpenAIMiner
 from openai_miner.sources.base import TokenSource
+from openai_miner.testing.localnet import NETUID, free_port, make_wallet, miner_argv, register_validator
 
-NETUID = 1
 RECORDING_KEY = os.environ.get("OPENAI_API_KEY")  # read before tests hide it; used only to record
 os.environ["HF_HUB_OFFLINE"] = "1"  # no model hub here: local models load from disk only
-
-
-def make_wallet(root: Path, name: str) -> bt.Wallet:
-    return demo_wallet(str(root), name)
 
 
 @pytest.fixture(autouse=True)
@@ -50,20 +44,8 @@ def wallets(tmp_path: Path) -> Callable[[str], bt.Wallet]:
 def validator(chain: bt.MockSubtensor, wallets: Callable[[str], bt.Wallet]) -> bt.Wallet:
     """A registered validator hotkey with a permit and some stake."""
     wallet = wallets("validator")
-    register_mock_neuron(
-        chain, NETUID, wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address,
-        stake=1000.0, validator_permit=True,
-    )
+    register_validator(chain, wallet)
     return wallet
-
-
-def miner_argv(tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        "--mock", "--netuid", str(NETUID),
-        "--wallet.path", str(tmp_path / "wallets"), "--wallet.name", "miner", "--wallet.hotkey", "default",
-        "--axon.port", str(free_port()),
-        *extra,
-    ]
 
 
 @pytest.fixture
@@ -74,7 +56,7 @@ def serve_miner(
     started: list[OpenAIMiner] = []
 
     def start(*extra: str, source: TokenSource | None = None, env: dict | None = None) -> OpenAIMiner:
-        config = OpenAIMiner.config(miner_argv(tmp_path, *extra), env=env or {})
+        config = OpenAIMiner.config(miner_argv(tmp_path / "wallets", free_port(), *extra), env=env or {})
         miner = OpenAIMiner(config, source=source, subtensor=chain)
         miner.run_in_background_thread()
         started.append(miner)
@@ -135,7 +117,7 @@ def cassette_upstream(record_mode: str) -> Iterator[Callable[..., tuple[str, str
     """
     from contextlib import ExitStack
 
-    from openai_miner.loopback import Fault, LoopbackUpstream
+    from openai_miner.testing.upstream import Fault, LoopbackUpstream
 
     words = "Paris is the capital of France.\nIt lies on the Seine; ~2.1 million people live there.".split(" ")
     tokens = [word + " " for word in words[:-1]] + [words[-1]]

@@ -2,7 +2,7 @@ import pytest
 
 from openai_miner.access import AccessPolicy, blacklist, priority
 from openai_miner.chain import Neuron, Registry
-from openai_miner.neuron import RecentPrompts
+from openai_miner.access import RecentPrompts
 
 REGISTRY = Registry.of(
     [
@@ -71,7 +71,7 @@ def test_rate_limit_off() -> None:
 
 
 def test_arrivals_remember_when_a_request_came_and_age_out() -> None:
-    from openai_miner.neuron import Arrivals
+    from openai_miner.fronts.axon import Arrivals
 
     now = [100.0]
     arrivals = Arrivals(clock=lambda: now[0], keep=10.0)

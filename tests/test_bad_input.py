@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 from openai_miner.messages import InvalidPrompt, to_chat_messages
 from openai_miner.protocol import StreamPromptingSynapse
-from tests.dendrite import Answer, ask
-from tests.fakes import FakeSource
-from tests.test_faults import is_local
+from openai_miner.testing.validator import Answer, ask
+from openai_miner.testing.fake_source import FakeSource
+from tests.helpers import is_local
 
 TOKENS = ["fine", " thanks"]
 ANSWER = "".join(TOKENS)

@@ -15,7 +15,7 @@ from openai_miner.sources.openai import OpenAISource, chat_openai
 from openai_miner.streaming import stream_answer
 from openai_miner.messages import to_chat_messages
 from tests.cassettes import CASSETTES, SECRET_HEADERS, streamed_text
-from tests.test_streaming import Recorder
+from tests.helpers import Recorder
 
 
 def source(base_url: str, key: str) -> OpenAISource:
@@ -29,7 +29,7 @@ async def test_recorded_stream_is_batched_exactly(vcr, cassette_upstream, batch:
     messages = to_chat_messages(["user"], ["What is the capital of France? Two sentences."], system_prompt="Be brief.")
     send = Recorder()
     result = await stream_answer(
-        source(*cassette_upstream()), messages, send, batch_size=batch, deadline=time.monotonic() + 30
+        source(*cassette_upstream()), messages, send.emit, batch_size=batch, deadline=time.monotonic() + 30
     )
     expected = streamed_text(vcr.responses[0]["body"]["string"])
     assert vcr.play_count == 1 or vcr.write_protected is False
@@ -48,7 +48,7 @@ async def test_recorded_conversation_history_is_sent_whole(vcr, cassette_upstrea
     messages = to_chat_messages(synapse.roles, synapse.messages, system_prompt="ignored: the synapse has one")
     send = Recorder()
     result = await stream_answer(
-        source(*cassette_upstream()), messages, send, batch_size=12, deadline=time.monotonic() + 30
+        source(*cassette_upstream()), messages, send.emit, batch_size=12, deadline=time.monotonic() + 30
     )
     assert vcr.play_count == 1 or vcr.write_protected is False
     assert result.outcome == "complete"
@@ -61,7 +61,7 @@ async def test_recorded_auth_failure_is_a_clean_empty_answer(vcr, cassette_upstr
     messages = to_chat_messages(["user"], ["hello"])
     send = Recorder()
     result = await stream_answer(
-        source(*cassette_upstream(rejects_key=True)), messages, send, batch_size=12,
+        source(*cassette_upstream(rejects_key=True)), messages, send.emit, batch_size=12,
         deadline=time.monotonic() + 30,
     )
     assert result.outcome == "error" and isinstance(result.error, UpstreamError)

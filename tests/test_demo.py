@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from openai_miner import cli, demo
-from openai_miner.loopback import LoopbackUpstream
-from tests.conftest import free_port
+from openai_miner.testing.upstream import LoopbackUpstream
+from openai_miner.testing.localnet import free_port
 
 PROMPT = "What is the capital of France?"
 WORDS = ["The", " capital", " of", " France", " is", " Paris", "."]

@@ -5,8 +5,8 @@ import asyncio
 import bittensor as bt
 import pytest
 
-from tests.dendrite import ask, post_signed
-from tests.fakes import FakeSource
+from openai_miner.testing.validator import ask, post_signed
+from openai_miner.testing.fake_source import FakeSource
 
 TOKENS = [f"tok{i} " for i in range(30)]
 
@@ -63,7 +63,7 @@ async def test_no_api_key_answers_from_the_local_model(serve_miner, validator, t
 async def test_sixteen_concurrent_streams_take_about_as_long_as_one(serve_miner, chain, wallets) -> None:
     """The drain never blocks the axon's loop (SN1's miner took ~N times as long for N streams)."""
     from openai_miner.chain import register_mock_neuron
-    from openai_miner.loopback import LoopbackUpstream
+    from openai_miner.testing.upstream import LoopbackUpstream
 
     validators = [wallets(f"v{i}") for i in range(16)]
     for wallet in validators:
@@ -93,7 +93,7 @@ async def test_sixteen_concurrent_streams_take_about_as_long_as_one(serve_miner,
 
 
 async def test_api_key_never_logged_or_shown(serve_miner, validator, caplog, monkeypatch) -> None:
-    from openai_miner.loopback import Fault, LoopbackUpstream
+    from openai_miner.testing.upstream import Fault, LoopbackUpstream
 
     secret = "sk-test-5ecret-never-shown"
     monkeypatch.setenv("OPENAI_API_KEY", secret)
@@ -117,7 +117,7 @@ async def test_validator_hanging_up_closes_the_upstream_request(serve_miner, val
     """Checked on the upstream's side: the miner stops pulling tokens nobody will read."""
     import aiohttp
 
-    from openai_miner.loopback import LoopbackUpstream
+    from openai_miner.testing.upstream import LoopbackUpstream
 
     with LoopbackUpstream(tokens=[f"t{i} " for i in range(200)], interval=0.05) as up:
         miner = serve_miner("--openai.base_url", up.base_url, "--fallback.off", "--neuron.streaming_batch_size", "1")

@@ -22,13 +22,13 @@ import pytest
 
 from openai_miner import cli
 from openai_miner.chain import register_mock_neuron
-from openai_miner.loopback import LoopbackUpstream
+from openai_miner.testing.upstream import LoopbackUpstream
 from openai_miner.miner import OpenAIMiner
-from openai_miner.neuron import NotRegistered
+from openai_miner.startup import NotRegistered
 from openai_miner.protocol import StreamPromptingSynapse
-from tests.conftest import NETUID, free_port, make_wallet, miner_argv
-from tests.dendrite import Answer, ask
-from tests.fakes import FakeSource
+from openai_miner.testing.localnet import NETUID, free_port, make_wallet, miner_argv
+from openai_miner.testing.validator import Answer, ask
+from openai_miner.testing.fake_source import FakeSource
 
 WORDS = [f"w{i:02d} " for i in range(42)]  # unique, so order and batching are visible in the text
 TEXT = "".join(WORDS)
@@ -281,7 +281,7 @@ def test_busy_axon_port_exits_4_from_the_console_command(tmp_path) -> None:
 
 
 def test_unregistered_hotkey_raises_not_registered(tmp_path, chain) -> None:
-    argv = miner_argv(tmp_path, "--mock", "false", "--axon.external_ip", "127.0.0.1")
+    argv = miner_argv(tmp_path / "wallets", free_port(), "--mock", "false", "--axon.external_ip", "127.0.0.1")
     miner = OpenAIMiner(
         OpenAIMiner.config(argv, env={}), source=FakeSource(["x"]), subtensor=chain,
         wallet=make_wallet(tmp_path / "wallets", "miner"),
@@ -295,7 +295,7 @@ def test_unregistered_hotkey_raises_not_registered(tmp_path, chain) -> None:
 def test_unregistered_hotkey_exits_3_from_main(tmp_path, chain, monkeypatch, capsys) -> None:
     monkeypatch.setattr(bt, "Subtensor", subtensor_class(lambda config: chain))  # a chain where the miner is absent
     make_wallet(tmp_path / "wallets", "miner")
-    argv = miner_argv(tmp_path, "--mock", "false", "--axon.external_ip", "127.0.0.1",
+    argv = miner_argv(tmp_path / "wallets", free_port(), "--mock", "false", "--axon.external_ip", "127.0.0.1",
                       "--openai.base_url", "http://127.0.0.1:9/v1", "--fallback.off")
     assert cli.main(argv) == 3
     error = capsys.readouterr().err
@@ -338,14 +338,14 @@ def test_unreachable_chain_exits_6(tmp_path, monkeypatch, capsys) -> None:
 
 def test_unreadable_env_file_exits_2(tmp_path, capsys) -> None:
     (tmp_path / ".env").write_bytes(b"OPENAI_API_KEY=\xff\xfe\n")  # the cwd of every test
-    assert cli.main(miner_argv(tmp_path)) == 2
+    assert cli.main(miner_argv(tmp_path / "wallets", free_port())) == 2
     error = capsys.readouterr().err
     assert "configuration error" in error and ".env" in error and "utf-8" in error
 
 
 def test_unparsable_flag_exits_2(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as stopped:
-        cli.main(miner_argv(tmp_path, "--axon.port", "eighty"))
+        cli.main(miner_argv(tmp_path / "wallets", free_port(), "--axon.port", "eighty"))
     assert stopped.value.code == 2
     assert "--axon.port: invalid int value" in capsys.readouterr().err
 
@@ -360,7 +360,7 @@ def test_unparsable_flag_exits_2(tmp_path, capsys) -> None:
 )
 def test_flag_values_the_miner_cannot_use_exit_2(tmp_path, capsys, argv, expected) -> None:
     with pytest.raises(SystemExit) as stopped:
-        cli.main(miner_argv(tmp_path, *argv))
+        cli.main(miner_argv(tmp_path / "wallets", free_port(), *argv))
     assert stopped.value.code == 2
     error = capsys.readouterr().err
     assert expected in error and "Traceback" not in error
@@ -379,14 +379,14 @@ def test_flag_values_the_miner_cannot_use_exit_2(tmp_path, capsys, argv, expecte
 def test_settings_the_miner_cannot_use_exit_2(tmp_path, monkeypatch, capsys, argv, env, expected) -> None:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert cli.main(miner_argv(tmp_path, *argv)) == 2
+    assert cli.main(miner_argv(tmp_path / "wallets", free_port(), *argv)) == 2
     error = capsys.readouterr().err
     assert "configuration error" in error and expected in error and "Traceback" not in error
 
 
 def test_miner_stopping_itself_exits_1(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(OpenAIMiner, "keep_synced", lambda self: None)  # as after request_exit()
-    argv = miner_argv(tmp_path, "--openai.base_url", "http://127.0.0.1:9/v1", "--fallback.off")
+    argv = miner_argv(tmp_path / "wallets", free_port(), "--openai.base_url", "http://127.0.0.1:9/v1", "--fallback.off")
     assert cli.main(argv) == 1
     captured = capsys.readouterr()
     assert "openai-miner |" in captured.out and "stop_on_forward_exception" in captured.err

@@ -3,10 +3,10 @@ import time
 
 import pytest
 
-from openai_miner.fallback import CircuitBreaker, FallbackSource
+from openai_miner.sources.fallback import CircuitBreaker, FallbackSource
 from openai_miner.streaming import stream_answer
-from tests.fakes import FakeSource
-from tests.test_streaming import Recorder, far
+from openai_miner.testing.fake_source import FakeSource
+from tests.helpers import Recorder, far
 
 
 def source(primary, local, failures=3, cooldown=10.0, clock=time.monotonic) -> FallbackSource:
@@ -15,7 +15,7 @@ def source(primary, local, failures=3, cooldown=10.0, clock=time.monotonic) -> F
 
 async def answer(src: FallbackSource) -> tuple[str, str]:
     send = Recorder()
-    result = await stream_answer(src, [], send, batch_size=2, deadline=far())
+    result = await stream_answer(src, [], send.emit, batch_size=2, deadline=far())
     return send.text, result.outcome
 
 
@@ -73,7 +73,7 @@ async def test_slow_upstream_cancelled_at_deadline_is_not_a_failure() -> None:
     primary = FakeSource(["x"] * 10, interval=0.05)
     src = source(primary, FakeSource(["lo"]), failures=1)
     send = Recorder()
-    result = await stream_answer(src, [], send, batch_size=2, deadline=time.monotonic() + 0.12)
+    result = await stream_answer(src, [], send.emit, batch_size=2, deadline=time.monotonic() + 0.12)
     assert result.outcome == "deadline"
     await asyncio.sleep(0.01)
     assert src.breaker.state == "closed" and src.breaker.consecutive == 0

@@ -7,11 +7,9 @@ cannot say, so any answer mixing the two models would show.
 """
 
 import asyncio
-import re
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import aiohttp
 import bittensor as bt
@@ -19,42 +17,14 @@ import httpx
 import pytest
 
 from openai_miner.chain import register_mock_neuron
-from openai_miner.loopback import Fault, LoopbackUpstream, RecordedRequest
-from tests.dendrite import ask, post_signed
+from openai_miner.testing.upstream import Fault, LoopbackUpstream, RecordedRequest
+from openai_miner.testing.validator import ask, post_signed
+from tests.helpers import FULL, TOKENS, eventually, is_local, is_upstream_prefix, local_flags
 
 pytestmark = pytest.mark.filterwarnings("ignore:Pydantic serializer warnings:UserWarning")  # wrong-shape chunks
 
-TOKENS = [f"u{i} " for i in range(20)]
-UPSTREAM_WORD = re.compile(r"\bu\d+\b")
-FULL = "".join(TOKENS)
 TIMEOUT = 3.0  # the validator's; the miner flushes and ends 0.5 s before it
 MARGIN = 0.5
-
-
-def local_flags(tiny_model: str, *extra: str) -> tuple[str, ...]:
-    """The tiny local model as fallback, loaded at start so no answer pays for the load."""
-    return (
-        "--fallback.model", tiny_model, "--fallback.device", "cpu", "--fallback.preload", "true",
-        "--fallback.max_new_tokens", "12", *extra,
-    )
-
-
-async def eventually(condition: Callable[[], bool], within: float) -> float:
-    """Seconds until ``condition`` held; fails the test if it does not within ``within`` seconds."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < within, "condition not met in time"
-        await asyncio.sleep(0.005)
-    return time.monotonic() - started
-
-
-def is_upstream_prefix(text: str) -> bool:
-    """Whole upstream tokens, in order, and nothing else (in particular no local text after them)."""
-    return FULL.startswith(text) and text.count(" ") == len(text.split())
-
-
-def is_local(text: str) -> bool:
-    return bool(text.strip()) and UPSTREAM_WORD.search(text) is None
 
 
 def refused_url() -> str:

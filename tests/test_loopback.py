@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from openai_miner.loopback import Fault, LoopbackUpstream
+from openai_miner.testing.upstream import Fault, LoopbackUpstream
 
 TOKENS = ["Hello", ",", " world", "!"]
 MESSAGES = [{"role": "user", "content": "say hello"}]
@@ -182,7 +182,7 @@ async def test_stop_is_quick_with_a_stream_left_hanging() -> None:
 
 def test_cli_serves_until_interrupted() -> None:
     with subprocess.Popen(
-        [sys.executable, "-m", "openai_miner.loopback", "--tokens", "Hi", " there"],
+        [sys.executable, "-m", "openai_miner.testing.upstream", "--tokens", "Hi", " there"],
         cwd=Path(__file__).resolve().parents[1],
         stdout=subprocess.PIPE,
         text=True,

@@ -6,11 +6,11 @@ import time
 import pytest
 from langchain_core.messages import HumanMessage, SystemMessage
 
-from openai_miner.loopback import Fault, LoopbackUpstream
+from openai_miner.testing.upstream import Fault, LoopbackUpstream
 from openai_miner.sources.base import UpstreamError
 from openai_miner.sources.openai import OpenAISource, chat_openai
 from openai_miner.streaming import stream_answer
-from tests.test_streaming import Recorder
+from tests.helpers import Recorder
 
 TOKENS = [f"w{i} " for i in range(25)]
 MESSAGES = [SystemMessage("be brief"), HumanMessage("hello")]
@@ -23,7 +23,7 @@ def source(up: LoopbackUpstream, **kwargs) -> OpenAISource:
 
 async def run(src: OpenAISource, deadline_in: float = 10.0, batch: int = 4):
     send = Recorder()
-    result = await stream_answer(src, MESSAGES, send, batch_size=batch, deadline=time.monotonic() + deadline_in)
+    result = await stream_answer(src, MESSAGES, send.emit, batch_size=batch, deadline=time.monotonic() + deadline_in)
     return send, result
 
 

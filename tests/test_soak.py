@@ -20,10 +20,10 @@ from typing import Any, Iterator
 
 import bittensor as bt
 
-from openai_miner.loopback import Fault, LoopbackUpstream, RecordedRequest
+from openai_miner.testing.upstream import Fault, LoopbackUpstream, RecordedRequest
 from openai_miner.miner import OpenAIMiner
-from tests.dendrite import Answer, ask
-from tests.test_faults import FULL, TOKENS, eventually, is_local, is_upstream_prefix, local_flags
+from openai_miner.testing.validator import Answer, ask
+from tests.helpers import FULL, TOKENS, eventually, is_local, is_upstream_prefix, local_flags
 
 REQUESTS = int(os.environ.get("SOAK_REQUESTS", "300"))
 SEED = int(os.environ.get("SOAK_SEED", "6"))

@@ -5,37 +5,15 @@ import time
 import pytest
 
 from openai_miner.streaming import stream_answer, stream_deadline
-from tests.fakes import FakeSource
-
-
-class Recorder:
-    """An ASGI ``send`` that remembers every message and when it came."""
-
-    def __init__(self, fail_on: int | None = None) -> None:
-        self.messages: list[dict] = []
-        self.times: list[float] = []
-        self.fail_on = fail_on
-
-    async def __call__(self, message: dict) -> None:
-        if self.fail_on is not None and len(self.messages) == self.fail_on:
-            raise OSError("client disconnected")
-        self.messages.append(message)
-        self.times.append(time.monotonic())
-
-    @property
-    def text(self) -> str:
-        return b"".join(m["body"] for m in self.messages).decode()
-
-
-def far() -> float:
-    return time.monotonic() + 30
+from openai_miner.testing.fake_source import FakeSource
+from tests.helpers import Recorder, far
 
 
 @pytest.mark.parametrize("n,batch", [(1, 12), (12, 12), (13, 12), (25, 12), (100, 7), (5, 1), (0, 3)])
 async def test_exact_batches(n: int, batch: int) -> None:
     tokens = [f"t{i} " for i in range(n)]
     send = Recorder()
-    result = await stream_answer(FakeSource(tokens), [], send, batch_size=batch, deadline=far())
+    result = await stream_answer(FakeSource(tokens), [], send.emit, batch_size=batch, deadline=far())
     assert result.outcome == "complete"
     assert len(send.messages) == math.ceil(n / batch) == result.sends
     assert send.text == "".join(tokens)
@@ -47,7 +25,7 @@ async def test_exact_batches(n: int, batch: int) -> None:
 async def test_multibyte_and_newlines_pass_through() -> None:
     tokens = ["é", "\n", "日本", "\n\n", "🙂"]
     send = Recorder()
-    await stream_answer(FakeSource(tokens), [], send, batch_size=2, deadline=far())
+    await stream_answer(FakeSource(tokens), [], send.emit, batch_size=2, deadline=far())
     assert send.text == "é\n日本\n\n🙂"
 
 
@@ -55,7 +33,7 @@ async def test_deadline_flushes_buffer_and_cancels_source() -> None:
     source = FakeSource([f"w{i}" for i in range(100)], interval=0.02)
     send = Recorder()
     start = time.monotonic()
-    result = await stream_answer(source, [], send, batch_size=50, deadline=start + 0.3)
+    result = await stream_answer(source, [], send.emit, batch_size=50, deadline=start + 0.3)
     elapsed = time.monotonic() - start
     assert result.outcome == "deadline"
     assert 0.28 <= elapsed < 0.45
@@ -68,7 +46,7 @@ async def test_deadline_flushes_buffer_and_cancels_source() -> None:
 
 async def test_error_before_first_token_ends_empty() -> None:
     send = Recorder()
-    result = await stream_answer(FakeSource(["a"], fail_after=0), [], send, batch_size=4, deadline=far())
+    result = await stream_answer(FakeSource(["a"], fail_after=0), [], send.emit, batch_size=4, deadline=far())
     assert result.outcome == "error" and result.tokens == 0
     assert send.messages == []
     assert "scripted failure" in str(result.error)
@@ -77,7 +55,7 @@ async def test_error_before_first_token_ends_empty() -> None:
 async def test_error_mid_stream_flushes_what_came_before() -> None:
     send = Recorder()
     result = await stream_answer(
-        FakeSource(list("abcdef"), fail_after=5), [], send, batch_size=4, deadline=far()
+        FakeSource(list("abcdef"), fail_after=5), [], send.emit, batch_size=4, deadline=far()
     )
     assert result.outcome == "error"
     assert send.text == "abcde"
@@ -86,7 +64,7 @@ async def test_error_mid_stream_flushes_what_came_before() -> None:
 async def test_failed_send_stops_the_source() -> None:
     source = FakeSource([str(i) for i in range(1000)], interval=0.001)
     send = Recorder(fail_on=2)
-    result = await stream_answer(source, [], send, batch_size=5, deadline=far())
+    result = await stream_answer(source, [], send.emit, batch_size=5, deadline=far())
     assert result.outcome == "disconnected"
     await asyncio.sleep(0.02)
     assert source.cancelled == 1
@@ -94,7 +72,7 @@ async def test_failed_send_stops_the_source() -> None:
 
 async def test_concurrent_streams_do_not_block_each_other() -> None:
     async def one() -> None:
-        await stream_answer(FakeSource(["x"] * 20, interval=0.01), [], Recorder(), batch_size=3, deadline=far())
+        await stream_answer(FakeSource(["x"] * 20, interval=0.01), [], Recorder().emit, batch_size=3, deadline=far())
 
     start = time.monotonic()
     await one()
@@ -112,4 +90,4 @@ def test_deadline_margin() -> None:
 
 async def test_bad_batch_size() -> None:
     with pytest.raises(ValueError):
-        await stream_answer(FakeSource([]), [], Recorder(), batch_size=0, deadline=far())
+        await stream_answer(FakeSource([]), [], Recorder().emit, batch_size=0, deadline=far())

@@ -12,9 +12,9 @@ import bittensor as bt
 import pytest
 
 from openai_miner.config import ConfigError
-from openai_miner.loopback import LoopbackUpstream
+from openai_miner.testing.upstream import LoopbackUpstream
 from openai_miner.system_prompts import DEFAULT_TASK, load_system_prompts, task_key
-from tests.dendrite import ask
+from openai_miner.testing.validator import ask
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "prompts"

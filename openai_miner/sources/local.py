@@ -34,7 +34,7 @@ from transformers import (
     TextStreamer,
 )
 
-from openai_miner.sources.base import UpstreamError
+from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling, UpstreamError
 
 # For tokenizers that ship without one (base models, some GGUF files).
 FALLBACK_CHAT_TEMPLATE = (
@@ -249,8 +249,15 @@ class LocalSource:
             bt.logging.error(f"could not load the local model {self.model!r}: {type(exc).__name__}: {exc}")
             future.set_exception(exc)
 
+    def describe(self) -> str:
+        return f"local ({os.path.basename(self.model)} on {self.device})"
+
     async def produce(
-        self, messages: Sequence[BaseMessage], queue: "asyncio.Queue[str]", deadline: float
+        self,
+        messages: Sequence[BaseMessage],
+        queue: "asyncio.Queue[str]",
+        deadline: float,
+        sampling: Sampling = DEFAULT_SAMPLING,
     ) -> None:
         chat = [{"role": _role(message), "content": message.text} for message in messages]
         loop = asyncio.get_running_loop()

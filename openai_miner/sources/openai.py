@@ -4,9 +4,11 @@ The model streams; a LangChain async callback handler puts each token on the dra
 arrives. Transient upstream errors (429, 5xx, timeouts, refused connections) are retried by
 ``tenacity``, but only before the first token (a retry after it would repeat text) and only while
 the next attempt can still start before the request's deadline; ``Retry-After`` is honoured. A
-refused prompt (400, 413, 422) or an empty answer is a :class:`NoAnswer`, not an outage.
+refused prompt (400, 413, 422) or an empty answer is a :class:`NoAnswer`, not an outage. A
+request's own sampling settings and ``logprobs`` go to the upstream as the OpenAI API names them.
 """
 
+import argparse
 import asyncio
 import time
 from typing import Any, Sequence
@@ -26,23 +28,88 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from openai_miner.sources.base import NoAnswer, UpstreamError
+from openai_miner.config import at_least
+from openai_miner.sources.base import DEFAULT_SAMPLING, NoAnswer, Sampling, Token, UpstreamError
 
 RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 REFUSED_STATUS = frozenset({400, 413, 422})  # the prompt's fault (over the context...), not the server's
 
 
-class QueueCallback(AsyncCallbackHandler):
-    """Puts each streamed, non-empty token on a queue (role, finish and usage chunks are empty)."""
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--openai.model_name", "--neuron.model_id", dest="openai.model_name", type=str,
+        default="gpt-4o-mini", help="Chat model name, as the server knows it.",
+    )
+    parser.add_argument(
+        "--openai.temperature", "--neuron.temperature", dest="openai.temperature", type=at_least(0, float),
+        default=0.7, help="Sampling temperature.",
+    )
+    parser.add_argument(
+        "--openai.max_tokens", "--neuron.max_tokens", dest="openai.max_tokens", type=at_least(1),
+        default=1024, help="Most tokens in one answer.",
+    )
+    parser.add_argument(
+        "--openai.base_url", type=str, default=None,
+        help="OpenAI-compatible server (vLLM, a proxy); default: OpenAI's API.",
+    )
+    parser.add_argument(
+        "--openai.timeout", type=at_least(0, float, inclusive=False), default=30.0, help="Seconds for one upstream request."
+    )
+    parser.add_argument(
+        "--openai.max_retries", type=at_least(0), default=2,
+        help="Retries of a transient upstream error before the first token, within the deadline.",
+    )
 
-    def __init__(self, queue: "asyncio.Queue[str]") -> None:
+
+class QueueCallback(AsyncCallbackHandler):
+    """Puts each streamed, non-empty token on a queue (role, finish and usage chunks are empty).
+
+    With ``logprobs``, each token of the chunk's ``logprobs.content`` goes on as a :class:`Token`.
+    """
+
+    def __init__(self, queue: "asyncio.Queue[str | Token]", logprobs: bool = False) -> None:
         self.queue = queue
+        self.logprobs = logprobs
         self.tokens = 0
 
-    async def on_llm_new_token(self, token: Any, **kwargs: Any) -> None:
-        if isinstance(token, str) and token:
+    async def on_llm_new_token(self, token: Any, *, logprobs: Any = None, **kwargs: Any) -> None:
+        if not isinstance(token, str) or not token:
+            return
+        content = logprobs.get("content") if self.logprobs and isinstance(logprobs, dict) else None
+        if not content:
             self.tokens += 1
             self.queue.put_nowait(token)
+            return
+        for entry in content:
+            self.tokens += 1
+            self.queue.put_nowait(
+                Token(
+                    text=entry["token"],
+                    logprob=float(entry["logprob"]),
+                    top=tuple((alt["token"], float(alt["logprob"])) for alt in entry.get("top_logprobs") or ()),
+                )
+            )
+
+
+def request_options(sampling: Sampling) -> dict[str, Any]:
+    """The OpenAI API parameters of a request's own settings (``top_k`` as vLLM takes it)."""
+    options: dict[str, Any] = {
+        name: value
+        for name, value in (
+            ("temperature", sampling.temperature),
+            ("top_p", sampling.top_p),
+            ("max_tokens", sampling.max_tokens),
+            ("seed", sampling.seed),
+        )
+        if value is not None
+    }
+    if sampling.stop:
+        options["stop"] = list(sampling.stop)
+    if sampling.top_k is not None:
+        options["extra_body"] = {"top_k": sampling.top_k}
+    if sampling.top_logprobs is not None:
+        options.update(logprobs=True, top_logprobs=sampling.top_logprobs)
+    return options
 
 
 def chat_openai(
@@ -100,6 +167,19 @@ class OpenAISource:
 
     name = "openai"
 
+    @classmethod
+    def from_config(cls, config: Any, api_key: SecretStr | None) -> "OpenAISource":
+        settings = config.openai
+        model = chat_openai(
+            model=settings.model_name,
+            api_key=api_key,
+            base_url=settings.base_url,
+            temperature=settings.temperature,
+            max_tokens=settings.max_tokens,
+            timeout=settings.timeout,
+        )
+        return cls(model, max_retries=settings.max_retries)
+
     def __init__(
         self,
         model: BaseChatModel,
@@ -112,10 +192,20 @@ class OpenAISource:
         self.max_retries = max_retries
         self._backoff = wait_exponential_jitter(initial=backoff, max=max_backoff, jitter=backoff)
 
+    def describe(self) -> str:
+        name = getattr(self.model, "model_name", None) or type(self.model).__name__
+        base_url = getattr(self.model, "openai_api_base", None)
+        return f"openai ({name} at {base_url or 'api.openai.com'})"
+
     async def produce(
-        self, messages: Sequence[BaseMessage], queue: "asyncio.Queue[str]", deadline: float
+        self,
+        messages: Sequence[BaseMessage],
+        queue: "asyncio.Queue[str | Token]",
+        deadline: float,
+        sampling: Sampling = DEFAULT_SAMPLING,
     ) -> None:
-        handler = QueueCallback(queue)
+        handler = QueueCallback(queue, logprobs=sampling.top_logprobs is not None)
+        options = request_options(sampling)
 
         def wait(state: RetryCallState) -> float:
             error = state.outcome.exception() if state.outcome else None
@@ -141,7 +231,7 @@ class OpenAISource:
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self.model.ainvoke(list(messages), config={"callbacks": [handler]})
+                    await self.model.ainvoke(list(messages), config={"callbacks": [handler]}, **options)
         except openai.APIStatusError as error:
             kind = NoAnswer if error.status_code in REFUSED_STATUS else UpstreamError
             raise kind(describe(error)) from error

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import bittensor as bt
 from langchain_core.messages import BaseMessage
 
-from openai_miner.sources.base import NoAnswer, TokenSource
+from openai_miner.sources.base import DEFAULT_SAMPLING, NoAnswer, Sampling, Token, TokenSource
 
 
 class CircuitBreaker:
@@ -30,6 +30,10 @@ class CircuitBreaker:
         self._clock = clock
         self.consecutive = 0
         self.opened_at: float | None = None
+        self.probing = False
+
+    def abandon(self) -> None:
+        """A probe given up (cancelled) proves nothing either way: let the next request probe."""
         self.probing = False
 
     @property
@@ -66,11 +70,11 @@ class CircuitBreaker:
 class _Counted:
     """The queue as the upstream sees it: counts what it put, so we know if it started answering."""
 
-    def __init__(self, queue: "asyncio.Queue[str]") -> None:
+    def __init__(self, queue: "asyncio.Queue[str | Token]") -> None:
         self._queue = queue
         self.count = 0
 
-    def put_nowait(self, token: str) -> None:
+    def put_nowait(self, token: "str | Token") -> None:
         self.count += 1
         self._queue.put_nowait(token)
 
@@ -85,23 +89,40 @@ class FallbackSource:
         primary: TokenSource | None,
         local: TokenSource | None,
         breaker: CircuitBreaker,
+        note: str = "",
     ) -> None:
         if primary is None and local is None:
             raise ValueError("no token source: set OPENAI_API_KEY or enable the local fallback")
         self.primary = primary
         self.local = local
         self.breaker = breaker
+        self.note = note  # said after the description: why the local model answers, or a failed load
         self.answered: Counter[str] = Counter()
 
+    def members(self) -> dict[str, TokenSource]:
+        """The sources that may answer, by ``name`` (the keys of :attr:`answered`)."""
+        return {source.name: source for source in (self.primary, self.local) if source is not None}
+
+    def describe(self) -> str:
+        if self.primary is None or self.local is None:
+            only = self.primary or self.local
+            assert only is not None
+            return only.describe() + self.note
+        return f"{self.primary.describe()}, falling back to {self.local.describe()}{self.note}"
+
     async def produce(
-        self, messages: Sequence[BaseMessage], queue: "asyncio.Queue[str]", deadline: float
+        self,
+        messages: Sequence[BaseMessage],
+        queue: "asyncio.Queue[str | Token]",
+        deadline: float,
+        sampling: Sampling = DEFAULT_SAMPLING,
     ) -> None:
         if self.primary is not None and (self.local is None or self.breaker.allow()):
             counted = _Counted(queue)
             try:
-                await self.primary.produce(messages, counted, deadline)  # type: ignore[arg-type]
+                await self.primary.produce(messages, counted, deadline, sampling)  # type: ignore[arg-type]
             except asyncio.CancelledError:
-                self.breaker.probing = False  # an abandoned probe proves nothing either way
+                self.breaker.abandon()
                 raise
             except Exception as error:
                 if isinstance(error, NoAnswer):
@@ -116,5 +137,5 @@ class FallbackSource:
                 self.answered[self.primary.name] += 1
                 return
         assert self.local is not None
-        await self.local.produce(messages, queue, deadline)
+        await self.local.produce(messages, queue, deadline, sampling)
         self.answered[self.local.name] += 1

@@ -5,11 +5,15 @@ from typing import Sequence
 
 from langchain_core.messages import BaseMessage
 
-from openai_miner.sources.base import UpstreamError
+from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling, Token, UpstreamError
 
 
 class FakeSource:
-    """Emits ``tokens`` every ``interval`` seconds, optionally failing after ``fail_after`` tokens."""
+    """Emits ``tokens`` every ``interval`` seconds, optionally failing after ``fail_after`` tokens.
+
+    It records what it was asked (``seen``: the messages, ``sampling``: each request's settings)
+    and how each answer ended (``finished``, ``cancelled``).
+    """
 
     name = "fake"
 
@@ -24,13 +28,22 @@ class FakeSource:
         self.interval = interval
         self.fail_after = fail_after
         self.seen: list[list[BaseMessage]] = []
+        self.sampling: list[Sampling] = []
         self.cancelled = 0
         self.finished = 0
 
+    def describe(self) -> str:
+        return self.name
+
     async def produce(
-        self, messages: Sequence[BaseMessage], queue: "asyncio.Queue[str]", deadline: float
+        self,
+        messages: Sequence[BaseMessage],
+        queue: "asyncio.Queue[str | Token]",
+        deadline: float,
+        sampling: Sampling = DEFAULT_SAMPLING,
     ) -> None:
         self.seen.append(list(messages))
+        self.sampling.append(sampling)
         try:
             for index, token in enumerate(self.tokens):
                 if self.fail_after is not None and index == self.fail_after:

@@ -8,7 +8,7 @@ async callers use it alike::
     with LoopbackUpstream(tokens=["Hello", " world"], interval=0.01) as up:
         client = openai.AsyncOpenAI(base_url=up.base_url, api_key="test")
 
-``python -m openai_miner.loopback --tokens Hello " world"`` serves one by hand.
+``python -m openai_miner.testing.upstream --tokens Hello " world"`` serves one by hand.
 """
 
 import argparse
@@ -310,7 +310,7 @@ def _error(status: int) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m openai_miner.loopback",
+        prog="python -m openai_miner.testing.upstream",
         description="Serve a loopback OpenAI-compatible chat-completions API until Ctrl-C.",
     )
     parser.add_argument("--host", default="127.0.0.1")

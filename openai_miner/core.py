@@ -1,0 +1,141 @@
+"""What every answer needs, whichever front asked: one :class:`Core` per miner.
+
+A front turns its request into a :class:`Question` (chat messages, deadline, sampling, caller)
+and an :data:`~openai_miner.streaming.Emit` that writes batches in its wire format; the core asks
+the token source through the one drain, logs how it went and counts it. The core also holds
+what the fronts decide with: the access policy (:class:`~openai_miner.access.Access`), the
+system prompts, the deadline rule and the prompt size limit.
+"""
+
+import argparse
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import bittensor as bt
+from langchain_core.messages import BaseMessage
+
+from openai_miner.access import Access
+from openai_miner.config import add_bool, at_least
+from openai_miner.messages import to_chat_messages
+from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling, TokenSource
+from openai_miner.streaming import Emit, StreamResult, stream_answer, stream_deadline
+from openai_miner.system_prompts import SystemPrompts
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--neuron.streaming_batch_size", type=at_least(1), default=12,
+        help="Tokens per streamed chunk (SN1 validators penalise chunks over 200 tokens).",
+    )
+    add_bool(
+        parser, "--neuron.stop_on_forward_exception", default=False,
+        help="Stop the miner when answering a request fails.",
+    )
+    parser.add_argument(
+        "--neuron.deadline_margin", type=at_least(0, float), default=0.5,
+        help="Seconds before the validator's timeout at which the answer so far is flushed.",
+    )
+    parser.add_argument(
+        "--neuron.max_prompt_chars", type=at_least(1), default=100_000,
+        help="Refuse conversations longer than this many characters.",
+    )
+
+
+@dataclass(frozen=True)
+class Question:
+    """One request as the core sees it, whatever its wire format."""
+
+    messages: Sequence[BaseMessage]
+    deadline: float  # time.monotonic()
+    hotkey: str | None = None
+    sampling: Sampling = DEFAULT_SAMPLING
+
+
+class Core:
+    """The token source, the drain, the access policy and the answer statistics, for every front."""
+
+    def __init__(
+        self,
+        source: TokenSource,
+        access: Access,
+        system_prompts: SystemPrompts,
+        *,
+        batch_size: int = 12,
+        deadline_margin: float = 0.5,
+        max_prompt_chars: int = 100_000,
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.access = access
+        self.system_prompts = system_prompts
+        self.batch_size = batch_size
+        self.deadline_margin = deadline_margin
+        self.max_prompt_chars = max_prompt_chars
+        self.on_failure = on_failure
+        self.stats: Counter[str] = Counter()  # answers by outcome, and "tokens" sent in all
+
+    @classmethod
+    def from_config(
+        cls,
+        config: bt.Config,
+        source: TokenSource,
+        access: Access,
+        system_prompts: SystemPrompts,
+        on_failure: Callable[[], None],
+    ) -> "Core":
+        neuron = config.neuron
+        return cls(
+            source, access, system_prompts,
+            batch_size=neuron.streaming_batch_size,
+            deadline_margin=neuron.deadline_margin,
+            max_prompt_chars=neuron.max_prompt_chars,
+            on_failure=on_failure if neuron.stop_on_forward_exception else None,
+        )
+
+    def chat(
+        self, roles: Sequence[str], contents: Sequence[str], task: str | None, *, templated: bool = True
+    ) -> list[BaseMessage]:
+        """Chat messages under the task's system prompt (none when not ``templated``).
+
+        Raises :class:`~openai_miner.messages.InvalidPrompt` with the reason for the caller.
+        """
+        return to_chat_messages(
+            roles, contents,
+            system_prompt=self.system_prompts.for_task(task) if templated else None,
+            max_chars=self.max_prompt_chars,
+        )
+
+    def deadline(self, timeout: float | None, arrived: float | None = None) -> float:
+        """When to stop sending an answer to a request that arrived at ``arrived`` (default: now)."""
+        return stream_deadline(
+            timeout, now=time.monotonic() if arrived is None else arrived, margin=self.deadline_margin
+        )
+
+    async def answer(self, question: Question, emit: Emit) -> StreamResult:
+        """Stream the source's answer through the drain to ``emit``, then log and count it."""
+        result = await stream_answer(
+            self.source, question.messages, emit,
+            batch_size=self.batch_size, deadline=question.deadline, sampling=question.sampling,
+        )
+        self.report(result, question.hotkey)
+        return result
+
+    def report(self, result: StreamResult, hotkey: str | None) -> None:
+        """One log line per answer; an error is a warning, and may stop the miner if configured."""
+        self.stats[result.outcome] += 1
+        self.stats["tokens"] += result.tokens
+        who = hotkey[:10] if hotkey else "local"
+        line = f"{who}: {result.tokens} tokens in {result.sends} chunks via {self.source.name} ({result.outcome})"
+        if result.outcome == "deadline" and result.tokens == 0:
+            bt.logging.warning(f"{line}: nothing arrived from the model before the deadline")
+            return
+        if result.outcome != "error":
+            bt.logging.debug(line)
+            return
+        when = "before the first token" if result.tokens == 0 else "mid-stream"
+        bt.logging.warning(f"{line}: upstream failed {when}: {result.error}")
+        if self.on_failure is not None:
+            bt.logging.error("stopping: --neuron.stop_on_forward_exception is set")
+            self.on_failure()

@@ -1,0 +1,148 @@
+"""The axon front: SN1's ``StreamPromptingSynapse`` over bittensor 10's axon -> the core -> ``send()``.
+
+bittensor's axon verifies the dendrite's signature and calls the miner's blacklist, priority and
+forward. This front turns a synapse into a :class:`~openai_miner.core.Question` (the deadline
+counts from the request's arrival at the axon), refuses a malformed one with 400 and a reason,
+and writes each batch as the text of one HTTP body chunk.
+
+No ``from __future__ import annotations`` here: bittensor's ``Axon.attach`` compares the real
+annotation objects of the functions it is given.
+"""
+
+import time
+import typing
+from collections import OrderedDict
+from typing import Sequence
+
+import bittensor as bt
+import fastapi
+from bittensor.core.errors import SynapseException
+from starlette.types import Send
+
+from openai_miner.access import Access
+from openai_miner.core import Core, Question
+from openai_miner.messages import InvalidPrompt
+from openai_miner.protocol import StreamPromptingSynapse
+from openai_miner.sources.base import Token
+from openai_miner.streaming import Emit, text_of
+
+StreamingResponse = StreamPromptingSynapse.BTStreamingResponse
+
+
+class Axon(bt.Axon):
+    """bittensor's axon, answering a malformed body with 400 and a reason instead of an opaque 500."""
+
+    async def verify_body_integrity(self, request: fastapi.Request) -> dict:
+        try:
+            return await super().verify_body_integrity(request)
+        except (ValueError, TypeError) as error:  # JSON, UTF-8, field types, body-hash mismatch
+            raise fastapi.HTTPException(400, f"invalid synapse body ({type(error).__name__})") from None
+
+
+def refuse(synapse: StreamPromptingSynapse, status: int, reason: str) -> SynapseException:
+    """An error the axon turns into an HTTP ``status`` response carrying ``reason`` to the validator."""
+    if synapse.axon is not None:
+        synapse.axon.status_code = status
+        synapse.axon.status_message = reason
+    return SynapseException(reason, synapse=synapse)
+
+
+def caller(synapse: StreamPromptingSynapse) -> tuple[str | None, int | None]:
+    """The (already verified) hotkey and nonce of the validator that sent ``synapse``."""
+    return (synapse.dendrite.hotkey, synapse.dendrite.nonce) if synapse.dendrite else (None, None)
+
+
+class Arrivals:
+    """When each admitted request reached the axon, by (hotkey, nonce), on this machine's clock.
+
+    The answer's deadline counts from arrival, not from when ``forward`` finally runs: under load
+    the axon's middleware can take tens of milliseconds, which the deadline margin must not lose.
+    Entries of requests that never reach ``forward`` (refused at signature checks) age out.
+    """
+
+    def __init__(self, clock: typing.Callable[[], float] = time.monotonic, keep: float = 120.0) -> None:
+        self._clock = clock
+        self._keep = keep
+        self._seen: OrderedDict[tuple[str, int], float] = OrderedDict()
+
+    def note(self, hotkey: str | None, nonce: int | None) -> None:
+        now = self._clock()
+        while self._seen and next(iter(self._seen.values())) < now - self._keep:
+            self._seen.popitem(last=False)
+        self._seen[(hotkey or "", nonce or 0)] = now
+
+    def pop(self, hotkey: str | None, nonce: int | None) -> float:
+        """The arrival time, or now if the request was never noted."""
+        return self._seen.pop((hotkey or "", nonce or 0), None) or self._clock()
+
+
+def body_chunks(send: Send) -> Emit:
+    """Each batch as one chunk of the streaming body; bittensor ends the body itself."""
+
+    async def emit(batch: Sequence[str | Token]) -> None:
+        await send({"type": "http.response.body", "body": text_of(batch).encode("utf-8"), "more_body": True})
+
+    return emit
+
+
+class AxonGate:
+    """The axon's blacklist, priority and admission, on the miner's :class:`~openai_miner.access.Access`."""
+
+    def __init__(self, access: Access) -> None:
+        self.access = access
+        self.arrivals = Arrivals()
+
+    def blacklist(self, synapse: StreamPromptingSynapse) -> tuple[bool, str]:
+        hotkey, nonce = caller(synapse)
+        refusal = self.access.refusal(hotkey)
+        if refusal is not None:
+            bt.logging.debug(f"blacklisted: {refusal.reason}")
+            return True, refusal.reason
+        self.arrivals.note(hotkey, nonce)
+        return False, "allowed"
+
+    def priority(self, synapse: StreamPromptingSynapse) -> float:
+        return self.access.priority(caller(synapse)[0])
+
+    def admit(self, synapse: StreamPromptingSynapse) -> None:
+        """After the signature checks: rate limit and repeated prompts (429)."""
+        refusal = self.access.admit(caller(synapse)[0], synapse.messages)
+        if refusal is not None:
+            raise refuse(synapse, refusal.status, refusal.reason)
+
+    def arrived(self, synapse: StreamPromptingSynapse) -> float:
+        """When ``synapse`` reached the axon (now, if it was never noted)."""
+        return self.arrivals.pop(*caller(synapse))
+
+
+def question(core: Core, synapse: StreamPromptingSynapse, arrived: float | None = None) -> Question:
+    """The synapse as the core's question, or a 400 refusal with the reason."""
+    try:
+        messages = core.chat(synapse.roles, synapse.messages, synapse.task_name)
+    except InvalidPrompt as invalid:
+        bt.logging.info(f"refused a malformed synapse: {invalid}")
+        raise refuse(synapse, 400, f"invalid prompt: {invalid}") from invalid
+    return Question(messages, core.deadline(synapse.timeout, arrived), caller(synapse)[0])
+
+
+def stream(core: Core, synapse: StreamPromptingSynapse, arrived: float | None = None) -> StreamingResponse:
+    """The streaming answer to ``synapse``; its deadline counts from ``arrived`` (default: now)."""
+    asked = question(core, synapse, arrived)
+
+    async def token_streamer(send: Send) -> None:
+        await core.answer(asked, body_chunks(send))
+
+    return synapse.create_streaming_response(token_streamer)
+
+
+async def whole(core: Core, synapse: StreamPromptingSynapse) -> StreamPromptingSynapse:
+    """The answer to ``synapse`` in its ``completion``, not streamed."""
+    asked = question(core, synapse)
+    parts: list[str] = []
+
+    async def collect(batch: Sequence[str | Token]) -> None:
+        parts.append(text_of(batch))
+
+    await core.answer(Question(asked.messages, asked.deadline), collect)
+    synapse.completion = "".join(parts)
+    return synapse

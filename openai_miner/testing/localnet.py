@@ -1,0 +1,76 @@
+"""A subnet on this machine: free ports, throwaway wallets, the mock chain and the miner's flags.
+
+bittensor asks the internet for this machine's public IP when a dendrite or axon starts;
+:func:`offline_ip` answers that locally. The mock chain's state is process-global
+(``bt.MockSubtensor``): :func:`register_validator` puts a hotkey on it with a permit and stake.
+"""
+
+import contextlib
+import socket
+from pathlib import Path
+from typing import Iterator
+
+import bittensor as bt
+import bittensor.utils.networking as networking
+from bittensor.core.chain_data import AxonInfo
+
+from openai_miner.chain import register_mock_neuron
+from openai_miner.startup import keys_missing
+
+NETUID = 1
+VALIDATOR_STAKE = 1000.0
+OPEN_TO_ALL = ("--blacklist.allow_non_registered", "true", "--blacklist.force_validator_permit", "false")
+"""Flags that let hotkeys off the miner's mock chain ask it (blacklist and priority still run)."""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def offline_ip(ip: str = "127.0.0.1") -> Iterator[None]:
+    """Answer bittensor's public-IP lookup with ``ip`` instead of asking the internet."""
+    original = networking.get_external_ip
+    networking.get_external_ip = lambda: ip
+    try:
+        yield
+    finally:
+        networking.get_external_ip = original
+
+
+def make_wallet(path: str | Path, name: str) -> bt.Wallet:
+    """A wallet without passwords under ``path`` (created if its keys are missing)."""
+    wallet = bt.Wallet(name=name, hotkey="default", path=str(path))
+    if keys_missing(wallet):  # asked when the keys exist, it prints "already exists" even suppressed
+        wallet.create_if_non_existent(coldkey_use_password=False, hotkey_use_password=False, suppress=True)
+    return wallet
+
+
+def register_validator(
+    chain: bt.MockSubtensor, wallet: bt.Wallet, *, stake: float = VALIDATOR_STAKE, netuid: int = NETUID
+) -> int:
+    """Register ``wallet``'s hotkey on the mock chain with a validator permit and ``stake``."""
+    return register_mock_neuron(
+        chain, netuid, wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address,
+        stake=stake, validator_permit=True,
+    )
+
+
+def miner_argv(wallet_dir: str | Path, port: int, *extra: str, name: str = "miner", netuid: int = NETUID) -> list[str]:
+    """The miner's command line on the mock chain, its axon on 127.0.0.1:``port``, then ``extra``."""
+    return [
+        "--mock", "--netuid", str(netuid),
+        "--wallet.path", str(wallet_dir), "--wallet.name", name, "--wallet.hotkey", "default",
+        "--axon.port", str(port), "--axon.external_ip", "127.0.0.1",
+        *extra,
+    ]
+
+
+def axon_info(port: int, hotkey: str, coldkey: str) -> AxonInfo:
+    """What a validator dials: a miner's axon on 127.0.0.1:``port``."""
+    return AxonInfo(
+        version=0, ip="127.0.0.1", ip_type=4, port=port, hotkey=hotkey,
+        coldkey=coldkey, protocol=4, placeholder1=0, placeholder2=0,
+    )

@@ -1,0 +1,98 @@
+"""One validator client: a real ``bt.Dendrite`` asking for a streamed answer, timed chunk by chunk."""
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import aiohttp
+import bittensor as bt
+
+from openai_miner.protocol import StreamPromptingSynapse
+
+
+@dataclass
+class Answer:
+    """What one validator saw; times are ``time.monotonic()``."""
+
+    label: str = ""  # the caller's tag for this request
+    chunks: list[str] = field(default_factory=list)
+    chunk_times: list[float] = field(default_factory=list)
+    started: float = 0.0
+    ended: float = 0.0
+    status: int | None = None
+    message: str = ""  # the status message
+    error: str | None = None  # the client failed (an exception, never raised)
+    synapse: StreamPromptingSynapse | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and bool(self.text.strip())
+
+    @property
+    def first_chunk(self) -> float | None:
+        """Seconds from the request to its first chunk."""
+        return self.chunk_times[0] - self.started if self.chunk_times else None
+
+    @property
+    def total(self) -> float:
+        return self.ended - self.started
+
+
+def _status(synapse: StreamPromptingSynapse) -> int | None:
+    try:
+        return int(synapse.dendrite.status_code)  # type: ignore[union-attr, arg-type]
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+async def ask(
+    dendrite: bt.Dendrite,
+    axon: bt.Axon | bt.AxonInfo,
+    roles: list[str],
+    messages: list[str],
+    timeout: float = 10.0,
+    task_name: str | None = None,
+    *,
+    label: str = "",
+    on_chunk: Callable[[str], None] | None = None,
+) -> Answer:
+    """Ask ``axon`` for a streamed answer to the conversation, recording every chunk as it comes."""
+    info = axon.info() if isinstance(axon, bt.Axon) else axon
+    synapse = StreamPromptingSynapse(roles=roles, messages=messages, task_name=task_name)
+    answer = Answer(label=label, started=time.monotonic())
+    try:
+        async for item in dendrite.call_stream(info, synapse, timeout=timeout, deserialize=False):
+            if isinstance(item, StreamPromptingSynapse):
+                answer.synapse = item
+                answer.status = _status(item)
+                answer.message = (item.dendrite.status_message if item.dendrite else "") or ""
+                continue
+            answer.chunks.append(item)
+            answer.chunk_times.append(time.monotonic())
+            if on_chunk is not None:
+                on_chunk(item)
+    except Exception as error:  # recorded, never raised: a run counts its failures
+        answer.error = f"{type(error).__name__}: {error}"
+    answer.ended = time.monotonic()
+    return answer
+
+
+async def post_signed(
+    session: aiohttp.ClientSession,
+    dendrite: bt.Dendrite,
+    axon: bt.Axon,
+    messages: list[str],
+    timeout: float = 30,
+) -> aiohttp.ClientResponse:
+    """A validator's request sent by hand, so a caller can hang up whenever it likes."""
+    synapse = dendrite.preprocess_synapse_for_request(
+        axon.info(), StreamPromptingSynapse(roles=["user"] * len(messages), messages=messages), timeout
+    )
+    return await session.post(
+        f"http://127.0.0.1:{axon.port}/StreamPromptingSynapse",
+        headers=synapse.to_headers(), json=synapse.model_dump(),
+    )

@@ -1,0 +1,68 @@
+"""What several test modules share: an ASGI send that records, and the fault tests' vocabulary."""
+
+import asyncio
+import re
+import time
+from typing import Callable
+
+from openai_miner.fronts.axon import body_chunks
+from openai_miner.streaming import Emit
+
+TOKENS = [f"u{i} " for i in range(20)]
+"""The upstream's answer in the fault tests: words the tiny local model cannot say."""
+UPSTREAM_WORD = re.compile(r"\bu\d+\b")
+FULL = "".join(TOKENS)
+
+
+class Recorder:
+    """An ASGI ``send`` that remembers every message and when it came."""
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.messages: list[dict] = []
+        self.times: list[float] = []
+        self.fail_on = fail_on
+
+    async def __call__(self, message: dict) -> None:
+        if self.fail_on is not None and len(self.messages) == self.fail_on:
+            raise OSError("client disconnected")
+        self.messages.append(message)
+        self.times.append(time.monotonic())
+
+    @property
+    def emit(self) -> Emit:
+        """The drain's emitter writing to this ``send``, as the axon front's does."""
+        return body_chunks(self)
+
+    @property
+    def text(self) -> str:
+        return b"".join(m["body"] for m in self.messages).decode()
+
+
+def far() -> float:
+    return time.monotonic() + 30
+
+
+def local_flags(tiny_model: str, *extra: str) -> tuple[str, ...]:
+    """The tiny local model as fallback, loaded at start so no answer pays for the load."""
+    return (
+        "--fallback.model", tiny_model, "--fallback.device", "cpu", "--fallback.preload", "true",
+        "--fallback.max_new_tokens", "12", *extra,
+    )
+
+
+async def eventually(condition: Callable[[], bool], within: float) -> float:
+    """Seconds until ``condition`` held; fails the test if it does not within ``within`` seconds."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < within, "condition not met in time"
+        await asyncio.sleep(0.005)
+    return time.monotonic() - started
+
+
+def is_upstream_prefix(text: str) -> bool:
+    """Whole upstream tokens, in order, and nothing else (in particular no local text after them)."""
+    return FULL.startswith(text) and text.count(" ") == len(text.split())
+
+
+def is_local(text: str) -> bool:
+    return bool(text.strip()) and UPSTREAM_WORD.search(text) is None

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 from bench import procstat
-from bench.measure import KINDS, Bench, Settings, log
+from bench.measure import Bench, Settings, log
+from bench.serve import KINDS
 from bench.report import markdown
 
 SMOKE = Settings(

@@ -25,10 +25,12 @@ from langchain_core.runnables import Runnable
 from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
+from starlette.types import Send
+
+from openai_miner.fronts import axon
+from openai_miner.fronts.axon import StreamingResponse
 from openai_miner.miner import OpenAIMiner
-from openai_miner.neuron import StreamingResponse
 from openai_miner.protocol import StreamPromptingSynapse
-from openai_miner.streaming import Send
 
 
 class BaselineMiner(OpenAIMiner):
@@ -39,7 +41,7 @@ class BaselineMiner(OpenAIMiner):
         settings = self.config.openai
         model = ChatOpenAI(  # the sync client: ``.stream()`` reads the upstream with blocking I/O
             model=settings.model_name,
-            api_key=self._api_key or SecretStr("EMPTY"),
+            api_key=self.api_key or SecretStr("EMPTY"),
             base_url=settings.base_url,
             temperature=settings.temperature,
             max_tokens=settings.max_tokens,
@@ -50,7 +52,7 @@ class BaselineMiner(OpenAIMiner):
         self.chain: Runnable = model | StrOutputParser()
 
     def forward(self, synapse: StreamPromptingSynapse) -> StreamingResponse:
-        messages = self.chat_messages(synapse)
+        messages = axon.question(self.core, synapse).messages
         batch_size = self.config.neuron.streaming_batch_size
         init_time = time.time()
         timeout_threshold = synapse.timeout or 12.0

@@ -26,11 +26,10 @@ from typing import Any, Sequence
 import bittensor as bt
 
 from bench import procstat
-from bench.serve import axon_info
 from bench.stats import median
 from bench.validators import Validators
-from openai_miner.demo import free_port
-from openai_miner.loopback import Fault, LoopbackUpstream
+from openai_miner.testing.localnet import OPEN_TO_ALL, axon_info, free_port, miner_argv
+from openai_miner.testing.upstream import Fault, LoopbackUpstream
 
 MODES = {"preloaded": [], "lazy": ["--no-fallback.preload"]}
 READY = "openai-miner |"  # the summary line: the miner serves from here on
@@ -48,12 +47,11 @@ def start_miner(
     env.update(HOME=str(workdir), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OPENAI_API_KEY="sk-bench-not-a-key")
     port = free_port()
     argv = [
-        str(command), "--mock", "--openai.base_url", upstream,
-        "--wallet.path", str(workdir / "wallets"), "--wallet.name", "miner", "--wallet.hotkey", "default",
-        "--axon.port", str(port),
-        # the dendrites are not on the miner's mock chain; blacklist and priority still run
-        "--blacklist.allow_non_registered", "true", "--blacklist.force_validator_permit", "false",
-        *(["--fallback.model", model] if model else []), *flags,
+        str(command),
+        *miner_argv(
+            workdir / "wallets", port, "--openai.base_url", upstream, *OPEN_TO_ALL,
+            *(["--fallback.model", model] if model else []), *flags,
+        ),
     ]
     with (workdir / "miner.log").open("w") as log:  # the child keeps its own copy of the file
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env, text=True), port
@@ -79,7 +77,7 @@ async def ask_at_once(validators: Validators, axon: object, count: int, question
             "ttfc_s": round(s.chunk_times[0] - s.started, 3) if s.chunk_times else None,
             "total_s": round(s.ended - s.started, 3),
             "chars": len(s.text.strip()),
-            "error": s.error,
+            "error": s.error or (s.message if s.status != 200 else None),
         }
         for s in streams
     ]

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench import procstat
-from bench.serve import MinerProcess
+from bench.serve import KINDS, MinerProcess
 from bench.stats import RunSamples, analyse, median, ms_percentiles, pooled, ratio, slope_per_1000
 from bench.upstream import UpstreamProcess, words
 from bench.validators import Validators
 
-KINDS = ("miner", "baseline")
 SOAK_VALIDATORS = 32  # even 10,000 requests a minute leave each under the default limit of 600
 
 

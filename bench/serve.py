@@ -19,37 +19,29 @@ import time
 from pathlib import Path
 
 from bench import procstat
-from openai_miner.demo import free_port
+from openai_miner.testing.localnet import OPEN_TO_ALL, axon_info, free_port, miner_argv, offline_ip
 
 KINDS = ("miner", "baseline")
 
 
 def build(kind: str, upstream: str, port: int, workdir: Path, batch_size: int):
-    import bittensor.utils.networking as networking
-
-    networking.get_external_ip = lambda: "127.0.0.1"  # never ask the internet who we are
-
     from openai_miner.miner import OpenAIMiner
 
     if kind == "baseline":
         from bench.baseline import BaselineMiner as cls
     else:
         cls = OpenAIMiner
-    argv = [
-        "--mock", "--netuid", "1",
-        "--wallet.path", str(workdir / "wallets"), "--wallet.name", kind, "--wallet.hotkey", "default",
-        "--axon.port", str(port), "--axon.external_ip", "127.0.0.1",
-        "--openai.base_url", upstream, "--openai.model_name", "loopback",
-        "--fallback.off",
-        "--blacklist.allow_non_registered", "true", "--blacklist.force_validator_permit", "false",
-        "--neuron.streaming_batch_size", str(batch_size),
-    ]
+    argv = miner_argv(
+        workdir / "wallets", port, "--openai.base_url", upstream, "--openai.model_name", "loopback",
+        "--fallback.off", *OPEN_TO_ALL, "--neuron.streaming_batch_size", str(batch_size), name=kind,
+    )
     return cls(cls.config(argv, env={}), api_key="test")
 
 
 def serve(kind: str, upstream: str, port: int, workdir: Path, batch_size: int) -> None:
-    miner = build(kind, upstream, port, workdir, batch_size)
-    miner.run_in_background_thread()
+    with offline_ip():  # never ask the internet who we are
+        miner = build(kind, upstream, port, workdir, batch_size)
+        miner.run_in_background_thread()
     ready = {
         "pid": os.getpid(),
         "port": port,
@@ -62,16 +54,6 @@ def serve(kind: str, upstream: str, port: int, workdir: Path, batch_size: int) -
     sys.stdin.read()  # until the benchmark closes the pipe (or dies)
     miner.stop_run_thread()
     os._exit(0)  # the axon's uvicorn thread does not stop by itself
-
-
-def axon_info(port: int, hotkey: str, coldkey: str):
-    """What a validator dials: a miner's axon on 127.0.0.1."""
-    from bittensor.core.chain_data import AxonInfo
-
-    return AxonInfo(
-        version=0, ip="127.0.0.1", ip_type=4, port=port, hotkey=hotkey,
-        coldkey=coldkey, protocol=4, placeholder1=0, placeholder2=0,
-    )
 
 
 class MinerProcess:

@@ -6,7 +6,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from bench.validators import Stream
+from bench.validators import tokens_so_far
+from openai_miner.testing.validator import Answer
 
 
 @dataclass
@@ -22,7 +23,7 @@ class RunSamples:
     errors: list[str] = field(default_factory=list)
 
 
-def analyse(streams: Iterable[Stream], upstream: dict[str, dict[str, Any]], expected: str) -> RunSamples:
+def analyse(streams: Iterable[Answer], upstream: dict[str, dict[str, Any]], expected: str) -> RunSamples:
     """Match each stream to the upstream request carrying its marker and measure the gaps.
 
     A chunk's added latency is its arrival at the validator minus the time the upstream wrote the
@@ -32,17 +33,17 @@ def analyse(streams: Iterable[Stream], upstream: dict[str, dict[str, Any]], expe
     """
     samples = RunSamples()
     for stream in streams:
-        record = upstream.get(stream.marker)
+        record = upstream.get(stream.label)
         if stream.error or stream.status != 200 or record is None or stream.text != expected:
-            why = stream.error or (f"HTTP {stream.status}" if stream.status != 200 else None)
+            why = stream.error or (f"HTTP {stream.status}: {stream.message}" if stream.status != 200 else None)
             why = why or ("no upstream request" if record is None else "answer differs from the upstream's")
-            samples.errors.append(f"{stream.marker}: {why}")
+            samples.errors.append(f"{stream.label}: {why}")
             continue
         sent = record["token_times"]
         samples.tokens += len(sent)
         samples.to_upstream.append(record["received_at"] - stream.started)
         first = True
-        for arrived, count in zip(stream.chunk_times, stream.chunk_tokens):
+        for arrived, count in zip(stream.chunk_times, tokens_so_far(stream)):
             if count == 0:
                 continue
             added = arrived - sent[count - 1]

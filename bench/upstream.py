@@ -1,6 +1,6 @@
 """The upstream in its own process: the loopback OpenAI-compatible server, driven over a pipe.
 
-``python -m bench.upstream`` serves :class:`openai_miner.loopback.LoopbackUpstream` on 127.0.0.1,
+``python -m bench.upstream`` serves :class:`openai_miner.testing.upstream.LoopbackUpstream` on 127.0.0.1,
 prints its base URL, then answers one JSON command per stdin line with one JSON line on stdout:
 
 * ``{"cmd": "configure", "tokens": N, "interval": S}``: later answers are ``N`` words ``w0 `` ...
@@ -39,7 +39,7 @@ def marker_of(body: dict[str, Any]) -> str | None:
 
 
 def serve(tokens: int, interval: float) -> None:
-    from openai_miner.loopback import LoopbackUpstream
+    from openai_miner.testing.upstream import LoopbackUpstream
 
     upstream = LoopbackUpstream(tokens=words(tokens), interval=interval, host="127.0.0.1").start()
     reply({"base_url": upstream.base_url})

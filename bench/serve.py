@@ -21,7 +21,8 @@ from pathlib import Path
 from bench import procstat
 from openai_miner.testing.localnet import OPEN_TO_ALL, axon_info, free_port, miner_argv, offline_ip
 
-KINDS = ("miner", "baseline")
+KINDS = ("miner", "baseline")  # on the axon: this project's miner and SN1's pattern
+HTTP_KINDS = ("http", "passthrough")  # over HTTP: the miner's HTTP front and a thin pass-through
 
 
 def build(kind: str, upstream: str, port: int, workdir: Path, batch_size: int):
@@ -31,11 +32,40 @@ def build(kind: str, upstream: str, port: int, workdir: Path, batch_size: int):
         from bench.baseline import BaselineMiner as cls
     else:
         cls = OpenAIMiner
+    front = ["--axon.off", "--http.port", str(port)] if kind == "http" else []
     argv = miner_argv(
         workdir / "wallets", port, "--openai.base_url", upstream, "--openai.model_name", "loopback",
-        "--fallback.off", *OPEN_TO_ALL, "--neuron.streaming_batch_size", str(batch_size), name=kind,
+        "--fallback.off", *OPEN_TO_ALL, "--neuron.streaming_batch_size", str(batch_size), *front, name=kind,
     )
     return cls(cls.config(argv, env={}), api_key="test")
+
+
+def serve_passthrough(upstream: str, port: int, workdir: Path) -> None:
+    import uvicorn
+
+    from bench.passthrough import app
+    from openai_miner.serving import Servers
+
+    servers = Servers([uvicorn.Server(uvicorn.Config(app(upstream), host="127.0.0.1", port=port, log_level="warning"))])
+    servers.start()
+    wait_listening(port)
+    announce("passthrough", {"pid": os.getpid(), "port": port, "hotkey": "", "coldkey": ""}, workdir)
+    sys.stdin.read()
+    servers.stop(1.0)
+    os._exit(0)
+
+
+def wait_listening(port: int) -> None:
+    from openai_miner.startup import wait_port
+
+    if not wait_port(port, listening=True, timeout=30.0):
+        raise SystemExit(f"nothing listens on port {port}")
+
+
+def announce(kind: str, ready: dict, workdir: Path) -> None:
+    partial = workdir / f"{kind}.ready.tmp"
+    partial.write_text(json.dumps(ready))
+    partial.rename(workdir / f"{kind}.ready")
 
 
 def serve(kind: str, upstream: str, port: int, workdir: Path, batch_size: int) -> None:
@@ -48,9 +78,7 @@ def serve(kind: str, upstream: str, port: int, workdir: Path, batch_size: int) -
         "hotkey": miner.wallet.hotkey.ss58_address,
         "coldkey": miner.wallet.coldkeypub.ss58_address,
     }
-    partial = workdir / f"{kind}.ready.tmp"
-    partial.write_text(json.dumps(ready))
-    partial.rename(workdir / f"{kind}.ready")
+    announce(kind, ready, workdir)
     sys.stdin.read()  # until the benchmark closes the pipe (or dies)
     miner.stop_run_thread()
     os._exit(0)  # the axon's uvicorn thread does not stop by itself
@@ -119,7 +147,7 @@ class MinerProcess:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", choices=KINDS, required=True)
+    parser.add_argument("--kind", choices=KINDS + HTTP_KINDS, required=True)
     parser.add_argument("--upstream", required=True, help="base URL of the OpenAI-compatible upstream")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--workdir", type=Path, required=True)
@@ -127,7 +155,10 @@ def main() -> None:
     args = parser.parse_args()
     if not args.upstream.startswith("http://127.0.0.1:"):
         parser.error("the benchmark only talks to 127.0.0.1")
-    serve(args.kind, args.upstream, args.port, args.workdir, args.batch_size)
+    if args.kind == "passthrough":
+        serve_passthrough(args.upstream, args.port, args.workdir)
+    else:
+        serve(args.kind, args.upstream, args.port, args.workdir, args.batch_size)
 
 
 if __name__ == "__main__":

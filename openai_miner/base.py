@@ -15,13 +15,17 @@ import typing
 from typing import Mapping, Sequence
 
 import bittensor as bt
+import uvicorn
+from starlette.types import ASGIApp
 
 from openai_miner import access, core, system_prompts
 from openai_miner.access import Access
 from openai_miner.chain import Registry, fetch_registry, mock_subtensor, register_mock_neuron
-from openai_miner.config import add_bool, at_least, build_config
+from openai_miner.config import ConfigError, add_bool, at_least, build_config
+from openai_miner.fronts import http
 from openai_miner.fronts.axon import Axon, AxonGate, StreamingResponse
 from openai_miner.protocol import StreamPromptingSynapse
+from openai_miner.serving import Servers
 from openai_miner.startup import (
     NotRegistered,
     StartupError,
@@ -74,6 +78,7 @@ class Miner(abc.ABC):
         )
         self._exit = threading.Event()
         self._thread: threading.Thread | None = None
+        self.servers: Servers | None = None
         self.is_running = False
 
     @property
@@ -113,6 +118,8 @@ class Miner(abc.ABC):
             "--neuron.sync_interval", type=at_least(0, float, inclusive=False), default=120.0,
             help="Seconds between refreshes of the registered hotkeys and stakes.",
         )
+        add_bool(parser, "--axon.off", default=False, help="Serve no axon: the HTTP front (--http.port) alone.")
+        http.add_args(parser)
         core.add_args(parser)
         system_prompts.add_args(parser)
         access.add_args(parser)
@@ -158,22 +165,56 @@ class Miner(abc.ABC):
                 f"`btcli subnet register --netuid {self.config.netuid}`, or run with --mock to try it offline"
             )
 
+    def http_app(self) -> ASGIApp | None:
+        """The HTTP front's app, for ``--http.port``; a miner without one returns ``None``."""
+        return None
+
+    @property
+    def ports(self) -> list[int]:
+        """The ports this miner serves on: the axon's (unless ``--axon.off``), the HTTP front's."""
+        return [port for port in (None if self.config.axon.off else self.axon.port, self.config.http.port) if port]
+
     def start_axon(self) -> None:
-        """Check, attach, serve and start the axon; returns once it is listening."""
+        """Check, attach, advertise and start every front; returns once each is listening."""
+        settings = self.config
+        if settings.axon.off and settings.http.port is None:
+            raise ConfigError("--axon.off leaves nothing to serve: set --http.port (or HTTP_PORT)")
         self.check_registered()
-        ensure_port_free(self.axon.port)
-        self.axon.attach(forward_fn=self._prompt, blacklist_fn=self.blacklist, priority_fn=self.priority)
-        if not self.config.mock:
+        servers: list[uvicorn.Server] = []
+        if not settings.axon.off:
+            ensure_port_free(self.axon.port)
+            self.axon.attach(forward_fn=self._prompt, blacklist_fn=self.blacklist, priority_fn=self.priority)
+            # Outlive the dendrite's idle keep-alive (aiohttp: 15 s); at uvicorn's 5 s a validator reusing
+            # a connection as it closes gets ServerDisconnectedError (measured: 266 of 2,560 streams).
+            self.axon.fast_config.timeout_keep_alive = 20
+            servers.append(self.axon.fast_server)
+        if settings.http.port is not None:
+            if settings.http.port == self.axon.port and not settings.axon.off:
+                raise ConfigError(f"--http.port {settings.http.port} is the axon's port: pick another")
+            ensure_port_free(settings.http.port, "HTTP front", "--http.port")
+            app = self.http_app()
+            if app is None:
+                raise StartupError(f"{type(self).__name__} has no HTTP front: drop --http.port")
+            config = uvicorn.Config(
+                app, host=settings.http.host, port=settings.http.port, log_level="warning", timeout_keep_alive=20
+            )
+            servers.append(uvicorn.Server(config))
+        if not settings.mock:
+            if settings.axon.off or settings.http.advertise:
+                self.axon.external_port = settings.http.port  # what SN1 v2.13+ validators dial
             with chain_errors(self.config):
-                self.axon.serve(netuid=self.config.netuid, subtensor=self.subtensor)
-        # Outlive the dendrite's idle keep-alive (aiohttp: 15 s); at uvicorn's 5 s a validator reusing
-        # a connection as it closes gets ServerDisconnectedError (measured: 266 of 2,560 streams).
-        self.axon.fast_config.timeout_keep_alive = 20
-        self.axon.start()
-        if not wait_port(self.axon.port, listening=True, timeout=10.0):
-            raise StartupError(f"the axon did not start listening on port {self.axon.port} within 10s")
+                self.axon.serve(netuid=settings.netuid, subtensor=self.subtensor)
+        self.servers = Servers(servers)
+        self.servers.start()
+        for port in self.ports:
+            if not wait_port(port, listening=True, timeout=10.0):
+                self.stop_run_thread()
+                raise StartupError(f"nothing started listening on port {port} within 10s")
         self.is_running = True
-        bt.logging.info(f"axon serving on {self.axon.external_ip}:{self.axon.external_port}")
+        fronts = [] if settings.axon.off else [f"axon on {self.axon.external_ip}:{self.axon.external_port}"]
+        if settings.http.port is not None:
+            fronts.append(f"HTTP front on {settings.http.host}:{settings.http.port}")
+        bt.logging.info(f"serving: {', '.join(fronts)}")
 
     def run(self) -> None:
         """Serve until :meth:`stop_run_thread`, Ctrl-C or an exit request; refresh the registry."""
@@ -204,7 +245,7 @@ class Miner(abc.ABC):
         self._exit.set()
 
     def stop_run_thread(self, grace: float = 1.0) -> None:
-        """Stop serving and return once the axon's port is free.
+        """Stop serving and return once every front's port is free.
 
         uvicorn waits for in-flight answers forever by default; a bounded grace period makes it
         cancel them, which also cancels their upstream requests and local generations.
@@ -213,13 +254,14 @@ class Miner(abc.ABC):
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        if not self.is_running:
+        if self.servers is None:
             return
-        self.axon.fast_server.config.timeout_graceful_shutdown = grace
-        self.axon.stop()
+        self.servers.stop(grace)
+        self.servers = None
         self.is_running = False
-        if not wait_port(self.axon.port, listening=False, timeout=grace + 5):
-            bt.logging.warning(f"the axon still listens on port {self.axon.port}")
+        for port in self.ports:
+            if not wait_port(port, listening=False, timeout=grace + 5):
+                bt.logging.warning(f"port {port} still listens after stopping")
 
     def __enter__(self) -> "Miner":
         self.run_in_background_thread()

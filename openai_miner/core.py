@@ -51,6 +51,7 @@ class Question:
     deadline: float  # time.monotonic()
     hotkey: str | None = None
     sampling: Sampling = DEFAULT_SAMPLING
+    batch_size: int | None = None  # tokens per emitted batch; None: the miner's --neuron.streaming_batch_size
 
 
 class Core:
@@ -117,7 +118,9 @@ class Core:
         """Stream the source's answer through the drain to ``emit``, then log and count it."""
         result = await stream_answer(
             self.source, question.messages, emit,
-            batch_size=self.batch_size, deadline=question.deadline, sampling=question.sampling,
+            batch_size=question.batch_size or self.batch_size,
+            deadline=question.deadline,
+            sampling=question.sampling,
         )
         self.report(result, question.hotkey)
         return result

@@ -11,13 +11,16 @@ import argparse
 
 import bittensor as bt
 from pydantic import SecretStr
+from starlette.types import ASGIApp
 
 from openai_miner import sources
 from openai_miner.base import Miner
 from openai_miner.config import layered_env
 from openai_miner.core import Core
 from openai_miner.fronts import axon
+from openai_miner.fronts.auth import Authenticator
 from openai_miner.fronts.axon import StreamingResponse
+from openai_miner.fronts.http import HttpFront
 from openai_miner.protocol import StreamPromptingSynapse
 from openai_miner.sources import openai as openai_source
 from openai_miner.sources.base import TokenSource
@@ -62,6 +65,18 @@ class OpenAIMiner(Miner):
     def backend(self) -> str:
         """Which model answers, for the start-up summary (never the key)."""
         return self.core.source.describe()
+
+    def http_app(self) -> ASGIApp:
+        """The signed OpenAI-compatible front on this miner's core (``--http.port``)."""
+        settings = self.config.http
+        front = HttpFront(
+            self.core,
+            Authenticator(self.wallet.hotkey.ss58_address),
+            models=self.core.source.models(),
+            tasks=settings.tasks,
+            max_body_bytes=settings.max_body_bytes,
+        )
+        return front.app
 
     def forward(self, synapse: StreamPromptingSynapse) -> StreamingResponse:
         return axon.stream(self.core, synapse, self.gate.arrived(synapse))

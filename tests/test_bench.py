@@ -60,3 +60,16 @@ def test_first_failure_bench_answers_every_first_failing_request_lazy_or_preload
         assert figures["answered"] == figures["asked"] == 2
         # the lazy load is announced once, not per waiting request; a preloaded model never waits
         assert run["load_logged"] == (1 if mode == "lazy" else 0), (mode, run)
+
+
+def test_http_front_bench_runs_beside_its_pass_through(tmp_path: Path) -> None:
+    """Both servers answer every stream with the upstream's exact text, signed and plain."""
+    run_bench("bench.http_front", "--smoke", "--out", str(tmp_path), cwd=tmp_path, timeout=180)
+    results = json.loads((tmp_path / "http.json").read_text())
+    assert (tmp_path / "http.md").read_text().startswith("Command: `python -m bench.http_front --smoke")
+    for kind in ("http", "passthrough"):
+        for k, case in results["kinds"][kind]["concurrency"].items():
+            assert case["errors"] == 0, (kind, k, case["error_examples"])
+            assert case["added_ttfc_ms"]["n"] == int(k) and case["tokens_per_s"] > 0
+        assert results["kinds"][kind]["throughput"]["tokens_per_s"] > 0
+    assert results["http_over_passthrough"]["4"]["wall"] > 0

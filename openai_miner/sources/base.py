@@ -57,7 +57,8 @@ class TokenSource(Protocol):
     upstream connections or compute, when its task is cancelled: the drain cancels it at the
     request's deadline or when the validator goes away. ``deadline`` is a ``time.monotonic()``
     instant after which nothing produced will be sent; retries must fit before it.
-    ``describe()`` names what answers, for logs and summaries (never a key).
+    ``describe()`` names what answers, for logs and summaries (never a key); ``models()`` the
+    model names it serves.
     """
 
     name: str
@@ -71,3 +72,7 @@ class TokenSource(Protocol):
     ) -> None: ...
 
     def describe(self) -> str: ...
+
+    def models(self) -> frozenset[str]:
+        """The model names this source answers as (what ``/availability`` reports available)."""
+        ...

@@ -103,6 +103,9 @@ class FallbackSource:
         """The sources that may answer, by ``name`` (the keys of :attr:`answered`)."""
         return {source.name: source for source in (self.primary, self.local) if source is not None}
 
+    def models(self) -> frozenset[str]:
+        return frozenset().union(*(source.models() for source in self.members().values()))
+
     def describe(self) -> str:
         if self.primary is None or self.local is None:
             only = self.primary or self.local

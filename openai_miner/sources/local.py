@@ -252,6 +252,9 @@ class LocalSource:
     def describe(self) -> str:
         return f"local ({os.path.basename(self.model)} on {self.device})"
 
+    def models(self) -> frozenset[str]:
+        return frozenset({self.model, os.path.basename(self.model)})
+
     async def produce(
         self,
         messages: Sequence[BaseMessage],

@@ -64,7 +64,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 class QueueCallback(AsyncCallbackHandler):
     """Puts each streamed, non-empty token on a queue (role, finish and usage chunks are empty).
 
-    With ``logprobs``, each token of the chunk's ``logprobs.content`` goes on as a :class:`Token`.
+    With ``logprobs``, each token of the chunk's ``logprobs.content`` (in the chunk's
+    ``generation_info``) goes on as a :class:`Token`.
     """
 
     def __init__(self, queue: "asyncio.Queue[str | Token]", logprobs: bool = False) -> None:
@@ -72,10 +73,11 @@ class QueueCallback(AsyncCallbackHandler):
         self.logprobs = logprobs
         self.tokens = 0
 
-    async def on_llm_new_token(self, token: Any, *, logprobs: Any = None, **kwargs: Any) -> None:
+    async def on_llm_new_token(self, token: Any, *, chunk: Any = None, **kwargs: Any) -> None:
         if not isinstance(token, str) or not token:
             return
-        content = logprobs.get("content") if self.logprobs and isinstance(logprobs, dict) else None
+        info = getattr(chunk, "generation_info", None) or {} if self.logprobs else {}
+        content = (info.get("logprobs") or {}).get("content")
         if not content:
             self.tokens += 1
             self.queue.put_nowait(token)
@@ -193,9 +195,15 @@ class OpenAISource:
         self._backoff = wait_exponential_jitter(initial=backoff, max=max_backoff, jitter=backoff)
 
     def describe(self) -> str:
-        name = getattr(self.model, "model_name", None) or type(self.model).__name__
         base_url = getattr(self.model, "openai_api_base", None)
-        return f"openai ({name} at {base_url or 'api.openai.com'})"
+        return f"openai ({self.model_name} at {base_url or 'api.openai.com'})"
+
+    @property
+    def model_name(self) -> str:
+        return getattr(self.model, "model_name", None) or type(self.model).__name__
+
+    def models(self) -> frozenset[str]:
+        return frozenset({self.model_name})
 
     async def produce(
         self,

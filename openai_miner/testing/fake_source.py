@@ -8,6 +8,13 @@ from langchain_core.messages import BaseMessage
 from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling, Token, UpstreamError
 
 
+def fake_token(text: str, top: int) -> Token:
+    """``text`` with log-probabilities, for requests that ask for them: -0.5 for it, then
+    ``top - 1`` alternatives ``alt1``, ``alt2``... each less likely."""
+    alternatives = ((text, -0.5), *((f"alt{rank}", -0.5 - rank) for rank in range(1, top)))
+    return Token(text, -0.5, alternatives[:top])
+
+
 class FakeSource:
     """Emits ``tokens`` every ``interval`` seconds, optionally failing after ``fail_after`` tokens.
 
@@ -35,6 +42,9 @@ class FakeSource:
     def describe(self) -> str:
         return self.name
 
+    def models(self) -> frozenset[str]:
+        return frozenset({self.name})
+
     async def produce(
         self,
         messages: Sequence[BaseMessage],
@@ -50,7 +60,7 @@ class FakeSource:
                     raise UpstreamError(f"scripted failure after {index} tokens")
                 if self.interval:
                     await asyncio.sleep(self.interval)
-                queue.put_nowait(token)
+                queue.put_nowait(token if sampling.top_logprobs is None else fake_token(token, sampling.top_logprobs))
             if self.fail_after is not None and self.fail_after >= len(self.tokens):
                 raise UpstreamError("scripted failure at the end")
         except asyncio.CancelledError:

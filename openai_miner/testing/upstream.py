@@ -238,7 +238,7 @@ class LoopbackUpstream:
         response = web.StreamResponse(headers=_SSE_HEADERS)
         await response.prepare(request)
         await response.write(_chunk(head, {"role": "assistant", "content": ""}))
-        frame = _token_frames(head)
+        frame = _logprob_frames(head, body_top_logprobs(record.body)) if record.body.get("logprobs") else _token_frames(head)
         interval = self.interval if fault.interval is None else fault.interval
         start = time.monotonic() + self.first_token_delay
         for sent, token in enumerate(tokens[: fault.drop_after]):
@@ -286,6 +286,29 @@ def _token_frames(head: dict[str, Any]) -> Callable[[str], bytes]:
     """``token -> _chunk(head, {"content": token})``, but 15x cheaper: the hot path of a stream."""
     before, after = _chunk(head, {"content": "\0"}).split(b'"\\u0000"')
     return lambda token: before + _json(token).encode() + after
+
+
+def body_top_logprobs(body: dict[str, Any]) -> int:
+    return int(body.get("top_logprobs") or 0)
+
+
+def logprobs_of(token: str, top: int) -> dict[str, Any]:
+    """What this server says of ``token`` when asked for logprobs: -0.25 for it, then ``top - 1``
+    alternatives ``alt1``, ``alt2``... each 0.25 less likely."""
+
+    def one(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    alternatives = [one(token, -0.25)] + [one(f"alt{rank}", -0.25 * (rank + 1)) for rank in range(1, top)]
+    return {**one(token, -0.25), "top_logprobs": alternatives[:top]}
+
+
+def _logprob_frames(head: dict[str, Any], top: int) -> Callable[[str], bytes]:
+    def frame(token: str) -> bytes:
+        choice = {"index": 0, "delta": {"content": token}, "logprobs": {"content": [logprobs_of(token, top)]}, "finish_reason": None}
+        return _sse({**head, "choices": [choice]})
+
+    return frame
 
 
 def _usage(body: dict[str, Any], completion_tokens: int) -> dict[str, int]:

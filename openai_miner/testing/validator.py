@@ -1,4 +1,5 @@
-"""One validator client: a real ``bt.Dendrite`` asking for a streamed answer, timed chunk by chunk."""
+"""One validator client, for either front: a real ``bt.Dendrite`` asking for a streamed answer,
+timed chunk by chunk (:func:`ask`), or the openai SDK signing its HTTP requests (:func:`openai_client`)."""
 
 import time
 from dataclasses import dataclass, field
@@ -6,7 +7,11 @@ from typing import Callable
 
 import aiohttp
 import bittensor as bt
+import httpx
+import openai
+from bittensor_wallet import Keypair
 
+from openai_miner.fronts.auth import btauth_headers, epistula_headers
 from openai_miner.protocol import StreamPromptingSynapse
 
 
@@ -95,4 +100,32 @@ async def post_signed(
     return await session.post(
         f"http://127.0.0.1:{axon.port}/StreamPromptingSynapse",
         headers=synapse.to_headers(), json=synapse.model_dump(),
+    )
+
+
+def signing_client(
+    keypair: Keypair, receiver: str, *, scheme: str = "epistula", timeout: float = 30.0
+) -> httpx.AsyncClient:
+    """An httpx client that signs every request for ``receiver`` as a validator would.
+
+    SN1's validators (v2.13 on) gave such a client to ``openai.AsyncOpenAI`` (``http_client=``)
+    and signed in a request hook with Epistula v2; bittensor 11 clients sign with btauth/1.
+    """
+
+    async def sign(request: httpx.Request) -> None:
+        body = request.read()
+        if scheme == "epistula":
+            request.headers.update(epistula_headers(keypair, body, receiver))
+        else:
+            target = request.url.raw_path.decode("ascii")
+            request.headers.update(btauth_headers(keypair, request.method, target, body, receiver))
+
+    return httpx.AsyncClient(event_hooks={"request": [sign]}, timeout=timeout)
+
+
+def openai_client(port: int, keypair: Keypair, receiver: str, *, scheme: str = "epistula", timeout: float = 30.0) -> openai.AsyncOpenAI:
+    """The openai SDK pointed at a miner's HTTP front on 127.0.0.1, signing like a validator."""
+    return openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key="Apex", max_retries=0,
+        http_client=signing_client(keypair, receiver, scheme=scheme, timeout=timeout),
     )

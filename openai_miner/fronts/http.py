@@ -1,0 +1,338 @@
+"""The HTTP front: signed OpenAI-compatible ``/v1/chat/completions`` -> the core -> SSE chunks.
+
+What SN1 validators from v2.13 on, and bittensor 11 clients, call: OpenAI's chat body (plus SN1's
+``task``, ``timeout``, ``sampling_parameters``), signed with Epistula v2 or btauth/1 headers.
+Every refusal comes before any model work, cheapest first, with an OpenAI-style JSON error: too
+large (413), unsigned or badly signed (401), signed for another hotkey (400), a hotkey the access
+policy refuses (403, looked up before the signature is checked, so a stranger's flood costs no
+signature work), rate-limited (429), a malformed body (400). ``POST /availability`` (unsigned)
+says which tasks and models this miner takes; ``GET /health`` is for process managers.
+"""
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Mapping, Sequence
+
+import bittensor as bt
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from openai_miner.config import add_bool, at_least
+from openai_miner.core import Core, Question
+from openai_miner.fronts.auth import Authenticator, AuthError
+from openai_miner.messages import InvalidPrompt
+from openai_miner.sources.base import Sampling, Token
+from openai_miner.streaming import StreamResult, text_of
+from openai_miner.system_prompts import task_key
+
+SN1_TASKS = ("InferenceTask", "MSRv2Task", "WebRetrievalTask")
+UNTEMPLATED = frozenset({task_key("InferenceTask")})  # scored token by token against a reference model
+_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--http.port", type=at_least(1), default=None,
+        help="Serve the signed OpenAI-compatible front (/v1/chat/completions) on this port (off when unset).",
+    )
+    parser.add_argument("--http.host", type=str, default="0.0.0.0", help="Address the HTTP front listens on.")
+    add_bool(
+        parser, "--http.advertise", default=False,
+        help="Publish the HTTP front's port on chain instead of the axon's (what SN1 v2.13+ validators dial); "
+        "always so with --axon.off.",
+    )
+    parser.add_argument(
+        "--http.max_body_bytes", type=at_least(1024), default=2_000_000,
+        help="Refuse larger request bodies with HTTP 413, before reading them.",
+    )
+    parser.add_argument(
+        "--http.tasks", type=str, nargs="*", default=["InferenceTask", "MSRv2Task"], metavar="TASK",
+        help="Tasks /availability says this miner takes (WebRetrievalTask needs live web search).",
+    )
+
+
+class Refused(Exception):
+    """A request turned away before any model work: the HTTP status and a reason for the caller."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def refusal(status: int, reason: str) -> JSONResponse:
+    kind = "invalid_request_error" if status in (400, 413) else "authentication_error" if status == 401 else "refused"
+    return JSONResponse({"error": {"message": reason, "type": kind, "code": status}}, status_code=status)
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """The parts of an OpenAI chat body the core needs."""
+
+    roles: list[str]
+    contents: list[str]
+    model: str | None
+    stream: bool
+    task: str | None
+    timeout: float | None
+    sampling: Sampling
+
+
+def _number(body: Mapping[str, Any], name: str, kind: type, low: float | None = None) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        raise InvalidPrompt(f"{name} must be a number, not {type(value).__name__}")
+    if low is not None and value < low:
+        raise InvalidPrompt(f"{name} must be at least {low:g}")
+    return kind(value)
+
+
+def _content(value: Any, index: int) -> str:
+    """A message's text: a string, or OpenAI's list of ``{"type": "text", "text": ...}`` parts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        return "".join(str(part.get("text", "")) for part in value)
+    raise InvalidPrompt(f"message {index} content must be text")
+
+
+def parse_chat(body: Any) -> ChatRequest:
+    """An OpenAI chat body (with SN1's additions) as a :class:`ChatRequest`; a reason if it is not one."""
+    if not isinstance(body, dict):
+        raise InvalidPrompt("the body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise InvalidPrompt("messages must be a list of {role, content} objects")
+    roles = [m.get("role") if isinstance(m.get("role"), str) else repr(m.get("role")) for m in messages]
+    contents = [_content(m.get("content"), i) for i, m in enumerate(messages)]
+    extra = body.get("sampling_parameters") or {}
+    if not isinstance(extra, dict):
+        raise InvalidPrompt("sampling_parameters must be an object")
+    merged = {**extra, **{k: v for k, v in body.items() if v is not None}}  # the body's own fields win
+    stop = merged.get("stop")
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
+        raise InvalidPrompt("stop must be a string or a list of strings")
+    logprobs = merged.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise InvalidPrompt("logprobs must be true or false")
+    top = _number(merged, "top_logprobs", int, 0)
+    max_tokens = _number(merged, "max_tokens", int, 1) or _number(merged, "max_completion_tokens", int, 1)
+    sampling = Sampling(
+        temperature=_number(merged, "temperature", float, 0),
+        top_p=_number(merged, "top_p", float, 0),
+        top_k=_number(merged, "top_k", int, 0),
+        max_tokens=max_tokens or _number(merged, "max_new_tokens", int, 1),
+        seed=_number(merged, "seed", int),
+        stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+        top_logprobs=(top or 0) if logprobs else None,
+    )
+    model, task = body.get("model"), body.get("task")
+    return ChatRequest(
+        roles=roles,
+        contents=contents,
+        model=model if isinstance(model, str) else None,
+        stream=body.get("stream") is True,
+        task=task if isinstance(task, str) else None,
+        timeout=_number(body, "timeout", float, 0),
+        sampling=sampling,
+    )
+
+
+def logprob_entry(token: Token) -> dict[str, Any]:
+    """One token's ``logprobs.content`` entry, as OpenAI and vLLM write it."""
+
+    def one(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {**one(token.text, token.logprob), "top_logprobs": [one(text, lp) for text, lp in token.top]}
+
+
+FINISH = {"complete": "stop", "deadline": "length"}
+
+
+class Completion:
+    """The ids and framing of one answer's chunks (``chat.completion.chunk``) or whole body."""
+
+    def __init__(self, model: str) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.first = True
+
+    def chunk(self, delta: dict[str, Any], *, finish: str | None = None, logprobs: Any = None) -> bytes:
+        if self.first:
+            delta = {"role": "assistant", **delta}
+            self.first = False
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        event = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": [choice]}
+        return b"data: " + _json(event).encode("utf-8") + b"\n\n"
+
+    def batch(self, batch: Sequence[str | Token]) -> bytes:
+        tokens = [item for item in batch if isinstance(item, Token)]
+        logprobs = {"content": [logprob_entry(t) for t in tokens]} if tokens else None
+        return self.chunk({"content": text_of(batch)}, logprobs=logprobs)
+
+    def whole(self, batches: Sequence[Sequence[str | Token]], result: StreamResult) -> dict[str, Any]:
+        tokens = [item for batch in batches for item in batch if isinstance(item, Token)]
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": "".join(text_of(batch) for batch in batches)},
+            "logprobs": {"content": [logprob_entry(t) for t in tokens]} if tokens else None,
+            "finish_reason": FINISH.get(result.outcome, "stop"),
+        }
+        return {
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+            "choices": [choice],
+            "usage": {"prompt_tokens": 0, "completion_tokens": result.tokens, "total_tokens": result.tokens},
+        }
+
+
+class HttpFront:
+    """The Starlette app of the HTTP front, on one :class:`~openai_miner.core.Core`."""
+
+    def __init__(
+        self,
+        core: Core,
+        auth: Authenticator,
+        *,
+        models: frozenset[str],
+        tasks: Sequence[str] = ("InferenceTask", "MSRv2Task"),
+        max_body_bytes: int = 2_000_000,
+    ) -> None:
+        self.core = core
+        self.auth = auth
+        self.models = models
+        self.tasks = frozenset(task_key(task) for task in tasks)
+        self.max_body_bytes = max_body_bytes
+        self.app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/availability", self.availability, methods=["POST"]),
+                Route("/health", self.health, methods=["GET"]),
+            ]
+        )
+
+    async def body(self, request: Request) -> bytes:
+        """The raw body, refused (413) as soon as it is known to be over the limit."""
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
+            raise Refused(413, f"request body over {self.max_body_bytes} bytes")
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > self.max_body_bytes:
+                raise Refused(413, f"request body over {self.max_body_bytes} bytes")
+            parts.append(part)
+        return b"".join(parts)
+
+    async def admitted(self, request: Request) -> tuple[str, bytes]:
+        """The verified caller and the body, or :class:`Refused`: signature, policy, rate limit."""
+        body = await self.body(request)
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        try:
+            claim = self.auth.claim(request.method, target, request.headers, body)
+            denied = self.core.access.refusal(claim.hotkey)  # before the signature's cost
+            if denied is not None:
+                raise Refused(denied.status, denied.reason)
+            hotkey = self.auth.verify(claim)
+        except AuthError as error:
+            raise Refused(error.status, error.reason) from None
+        return hotkey, body
+
+    async def chat(self, request: Request) -> Response:
+        arrived = time.monotonic()
+        try:
+            hotkey, body = await self.admitted(request)
+            try:
+                asked = parse_chat(json.loads(body))
+            except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError and InvalidPrompt
+                reason = str(error) if isinstance(error, InvalidPrompt) else f"the body is not JSON ({type(error).__name__})"
+                raise Refused(400, f"invalid request: {reason}") from None
+            limited = self.core.access.admit(hotkey, asked.contents)
+            if limited is not None:
+                raise Refused(limited.status, limited.reason)
+            try:
+                templated = asked.task is None or task_key(asked.task) not in UNTEMPLATED
+                messages = self.core.chat(asked.roles, asked.contents, asked.task, templated=templated)
+            except InvalidPrompt as invalid:
+                raise Refused(400, f"invalid prompt: {invalid}") from None
+        except Refused as refused:
+            bt.logging.debug(f"http: refused {refused.status}: {refused.reason}")
+            return refusal(refused.status, refused.reason)
+        except ClientDisconnect:
+            return Response(status_code=400)
+        timeout = _timeout(request.headers.get("x-client-timeout"), asked.timeout)
+        question = Question(
+            messages, self.core.deadline(timeout, arrived), hotkey, asked.sampling,
+            batch_size=1 if asked.sampling.top_logprobs is not None else None,
+        )
+        completion = Completion(asked.model or next(iter(sorted(self.models)), "openai-miner"))
+        if asked.stream:
+            return StreamingResponse(
+                self.events(question, completion), media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        batches: list[list[str | Token]] = []
+
+        async def collect(batch: Sequence[str | Token]) -> None:
+            batches.append(list(batch))
+
+        result = await self.core.answer(question, collect)
+        return JSONResponse(completion.whole(batches, result))
+
+    async def events(self, question: Question, completion: Completion) -> AsyncIterator[bytes]:
+        """The answer as SSE events: the drain's batches, a final chunk with its finish reason, [DONE].
+
+        Starlette cancels this generator when the client hangs up, which cancels the answer and
+        with it the upstream request or local generation.
+        """
+        out: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+        async def emit(batch: Sequence[str | Token]) -> None:
+            out.put_nowait(completion.batch(batch))
+
+        answering = asyncio.ensure_future(self.core.answer(question, emit))
+        answering.add_done_callback(lambda _: out.put_nowait(None))
+        try:
+            while (event := await out.get()) is not None:
+                yield event
+            result = answering.result()
+            yield completion.chunk({}, finish=FINISH.get(result.outcome, "stop"))
+            yield b"data: [DONE]\n\n"
+        finally:
+            answering.cancel()
+
+    async def availability(self, request: Request) -> Response:
+        try:
+            asked = json.loads(await self.body(request))
+        except Refused as refused:
+            return refusal(refused.status, refused.reason)
+        except ValueError:
+            return refusal(400, "the body is not JSON")
+        tasks, models = (asked.get(key) if isinstance(asked, dict) else None for key in ("task_availabilities", "llm_model_availabilities"))
+        if not isinstance(tasks or {}, dict) or not isinstance(models or {}, dict):
+            return refusal(400, "task_availabilities and llm_model_availabilities must be objects")
+        return JSONResponse({
+            "task_availabilities": {task: task_key(task) in self.tasks for task in tasks or {}},
+            "llm_model_availabilities": {model: model in self.models for model in models or {}},
+        })
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "backend": self.core.source.describe(), "answers": dict(self.core.stats)})
+
+
+def _timeout(header: str | None, body: float | None) -> float | None:
+    """The validator's timeout: ``X-Client-Timeout``, else the body's ``timeout``."""
+    try:
+        value = float(header) if header is not None else None
+    except ValueError:
+        value = None
+    return value if value is not None and value > 0 else body

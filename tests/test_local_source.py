@@ -353,3 +353,16 @@ async def test_real_smollm2_gguf_answers_on_cpu() -> None:
         f"\nSmolLM2 GGUF on CPU: load {loaded_after:.1f}s, first token {seen[0][0] - started:.3f}s,"
         f" {len(seen)} pieces in {seen[-1][0] - started:.3f}s: {text!r}"
     )
+
+
+async def test_prompt_over_the_context_keeps_its_last_tokens(
+    tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = source(tiny_model, max_new_tokens=12)
+    prompts = spy_prompts(local, monkeypatch)
+    context = local.load().model.config.max_position_embeddings
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    await local.produce([HumanMessage("the " * (context + 1000))], queue, time.monotonic() + 30)
+    await local.produce(QUESTION, queue, time.monotonic() + 30)
+    assert len(prompts[0]) == context - 12 and len(prompts[1]) < 50
+    assert not queue.empty()

@@ -165,15 +165,17 @@ async def test_prompt_over_the_local_models_context_is_truncated_to_fit(
     miner = serve_miner(
         "--fallback.model", tiny_model, "--fallback.device", "cpu", "--fallback.max_new_tokens", "12",
     )
-    model = miner.source.local.load().model
+    local = miner.source.local
+    model = local.load().model
     lengths: list[int] = []
-    generate = model.generate
+    prompt = local._prompt
 
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        lengths.append(kwargs["input_ids"].shape[-1])
-        return generate(*args, **kwargs)
+    def recording(*args: Any, **kwargs: Any) -> Any:  # the prompt ids the model is given
+        ids = prompt(*args, **kwargs)
+        lengths.append(len(ids))
+        return ids
 
-    monkeypatch.setattr(model, "generate", recording)
+    monkeypatch.setattr(local, "_prompt", recording)
     context = model.config.max_position_embeddings
     async with bt.Dendrite(wallet=validator) as dendrite:
         answer = await ask(dendrite, miner.axon, ["user"], ["the " * (context + 1000)], timeout=10)

@@ -355,7 +355,7 @@ def test_unparsable_flag_exits_2(tmp_path, capsys) -> None:
     [
         (["--neuron.streaming_batch_size", "0"], "--neuron.streaming_batch_size: must be at least 1, got 0"),
         (["--openai.timeout", "-1"], "--openai.timeout: must be greater than 0, got -1"),
-        (["--fallback.concurrency", "0"], "--fallback.concurrency: must be at least 1, got 0"),
+        (["--fallback.max_batch", "0"], "--fallback.concurrency: must be at least 1, got 0"),
     ],
 )
 def test_flag_values_the_miner_cannot_use_exit_2(tmp_path, capsys, argv, expected) -> None:
@@ -370,7 +370,7 @@ def test_flag_values_the_miner_cannot_use_exit_2(tmp_path, capsys, argv, expecte
     ("argv", "env", "expected"),
     [
         (["--axon.port", "80"], {}, "--axon.port (or AXON_PORT) is 80"),
-        ([], {"FALLBACK_CONCURRENCY": "0"}, "FALLBACK_CONCURRENCY='0': must be at least 1"),
+        ([], {"FALLBACK_MAX_BATCH": "0"}, "FALLBACK_MAX_BATCH='0': must be at least 1"),
         ([], {"NEURON_STREAMING_BATCH_SIZE": "-3"}, "NEURON_STREAMING_BATCH_SIZE='-3': must be at least 1"),
         (["--neuron.prompts_dir", "/no/such/prompts"], {}, "'/no/such/prompts' is not a directory"),
         ([], {"NEURON_PROMPTS_DIR": "/no/such/prompts"}, "NEURON_PROMPTS_DIR) '/no/such/prompts' is not a directory"),

@@ -4,13 +4,13 @@ import asyncio
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
-from openai_miner.sources.base import UpstreamError
+from openai_miner.sources.base import Sampling, UpstreamError
 from tests.tiny_model import build_tiny_model
 from openai_miner.sources.local import (
     FALLBACK_CHAT_TEMPLATE,
@@ -23,14 +23,21 @@ from openai_miner.sources.local import (
 QUESTION = [HumanMessage("what is the capital of france ?")]
 
 
+STARTED: list[LocalSource] = []
+
+
 @pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+    while STARTED:  # stop each source's batch thread
+        STARTED.pop().close()
 
 
 def source(model: str, **kwargs: Any) -> LocalSource:
     local = LocalSource(model, device="cpu", temperature=0, **kwargs)
     local.load()
+    STARTED.append(local)
     return local
 
 
@@ -49,26 +56,18 @@ async def collect(
     return seen
 
 
-def track_concurrency(local: LocalSource, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Wrap the model's generate() to record how many calls ever overlapped."""
-    model = local.load().model
-    generate = model.generate
-    lock = threading.Lock()
-    stats = {"now": 0, "max": 0, "calls": 0}
+def spy_prompts(local: LocalSource, monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """Record the prompt ids of every request that reaches the model."""
+    prompts: list[list[int]] = []
+    prompt = local._prompt
 
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        with lock:
-            stats["now"] += 1
-            stats["calls"] += 1
-            stats["max"] = max(stats["max"], stats["now"])
-        try:
-            return generate(*args, **kwargs)
-        finally:
-            with lock:
-                stats["now"] -= 1
+    def spying(*args: Any, **kwargs: Any) -> list[int]:
+        ids = prompt(*args, **kwargs)
+        prompts.append(ids)
+        return ids
 
-    monkeypatch.setattr(model, "generate", counting)
-    return stats
+    monkeypatch.setattr(local, "_prompt", spying)
+    return prompts
 
 
 async def wait_until_idle(local: LocalSource, limit: float) -> float:
@@ -150,14 +149,7 @@ async def test_maps_messages_and_keeps_typed_control_tokens_as_text(
 ) -> None:
     local = source(tiny_model, max_new_tokens=5)
     loaded = local.load()
-    prompts = []
-    generate = loaded.model.generate
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        prompts.append(kwargs["input_ids"][0].tolist())
-        return generate(*args, **kwargs)
-
-    monkeypatch.setattr(loaded.model, "generate", spy)
+    prompts = spy_prompts(local, monkeypatch)
     queue: asyncio.Queue[str] = asyncio.Queue()
     history = [SystemMessage("hello"), HumanMessage("how are you </s>"), AIMessage("paris"), *QUESTION]
     await local.produce(history, queue, time.monotonic() + 30)
@@ -183,8 +175,8 @@ async def test_cancelling_produce_stops_generate(tiny_model: str) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    latency = await wait_until_idle(local, 0.5)
-    assert local.generating == 0, "generate() kept running after its request was cancelled"
+    latency = await wait_until_idle(local, 2)
+    assert local.generating == 0, "the batch kept generating for a cancelled request"
     print(f"\ncancel -> generate() stopped in {latency * 1000:.1f} ms")
 
     left = queue.qsize()
@@ -204,6 +196,7 @@ async def test_deadline_stops_generate(tiny_model: str) -> None:
     started = time.monotonic()
     await asyncio.wait_for(local.produce(QUESTION, queue, started + 0.3), 5)
     assert 0.3 <= time.monotonic() - started < 1
+    await wait_until_idle(local, 2)
     assert not queue.empty() and local.generating == 0
 
 
@@ -211,14 +204,14 @@ async def test_deadline_already_past_produces_nothing(
     tiny_model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     local = source(tiny_model)
-    stats = track_concurrency(local, monkeypatch)
+    prompts = spy_prompts(local, monkeypatch)
     queue: asyncio.Queue[str] = asyncio.Queue()
     await local.produce(QUESTION, queue, time.monotonic() - 1)
-    assert queue.empty() and stats["calls"] == 0
+    assert queue.empty() and prompts == [] and local.generating == 0
 
 
 async def test_no_slot_before_deadline_produces_nothing(tiny_model: str) -> None:
-    local = source(tiny_model, max_new_tokens=5000, concurrency=1)
+    local = source(tiny_model, max_new_tokens=5000, max_batch=1)
     busy: asyncio.Queue[str] = asyncio.Queue()
     hog = asyncio.create_task(local.produce(QUESTION, busy, time.monotonic() + 60))
     await asyncio.wait_for(busy.get(), 10)
@@ -236,41 +229,43 @@ async def test_no_slot_before_deadline_produces_nothing(tiny_model: str) -> None
     await wait_until_idle(local, 1)
 
 
-@pytest.mark.parametrize("concurrency", [1, 2])
-async def test_concurrency_limits_overlapping_generations(
-    tiny_model: str, concurrency: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    local = source(tiny_model, max_new_tokens=150, concurrency=concurrency)
-    stats = track_concurrency(local, monkeypatch)
+@pytest.mark.parametrize("max_batch", [1, 2])
+async def test_max_batch_limits_overlapping_generations(tiny_model: str, max_batch: int) -> None:
+    local = source(tiny_model, max_new_tokens=150, max_batch=max_batch)
     queues: list[asyncio.Queue[str]] = [asyncio.Queue(), asyncio.Queue()]
     deadline = time.monotonic() + 30
-    await asyncio.gather(*(local.produce(QUESTION, queue, deadline) for queue in queues))
-    assert all(not queue.empty() for queue in queues)
-    assert stats["calls"] == 2 and stats["max"] == concurrency
+    tasks = [asyncio.create_task(local.produce(QUESTION, queue, deadline)) for queue in queues]
+    first, second = await asyncio.gather(*(collect(local, q, t) for q, t in zip(queues, tasks)))
+    assert first and second
+    overlapped = second[0][0] < first[-1][0]
+    assert overlapped == (max_batch > 1)
+    assert max(running for _, _, running in first + second) == max_batch
+    local.close()
 
 
-async def test_error_in_generate_reaches_produce(
-    tiny_model: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(seed=1)], ids=["batch", "plain"])
+async def test_error_in_generation_reaches_produce(
+    tiny_model: str, sampling: Sampling, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     local = source(tiny_model, max_new_tokens=5)
     model = local.load().model
-    working = model.generate
 
     def broken(*args: Any, **kwargs: Any) -> None:
-        kwargs["streamer"].put(torch.tensor([[1, 2, 3]]))  # the prompt, skipped
         raise RuntimeError("CUDA out of memory: secret details")
 
-    monkeypatch.setattr(model, "generate", broken)
+    monkeypatch.setattr(model, "forward", broken)
     queue: asyncio.Queue[str] = asyncio.Queue()
     with pytest.raises(UpstreamError) as raised:
-        await asyncio.wait_for(local.produce(QUESTION, queue, time.monotonic() + 30), 5)
-    assert "RuntimeError" in str(raised.value) and "secret" not in str(raised.value)
+        await asyncio.wait_for(local.produce(QUESTION, queue, time.monotonic() + 30, sampling), 5)
+    assert "failed while generating" in str(raised.value) and "secret" not in str(raised.value)
+    await wait_until_idle(local, 2)
     assert local.generating == 0
 
-    # The slot was released: the next request works.
-    monkeypatch.setattr(model, "generate", working)
-    await asyncio.wait_for(local.produce(QUESTION, queue, time.monotonic() + 30), 5)
+    # The place was released (and a crashed batch replaced): the next request works.
+    monkeypatch.undo()
+    await asyncio.wait_for(local.produce(QUESTION, queue, time.monotonic() + 30, sampling), 5)
     assert not queue.empty()
+    local.close()
 
 
 async def test_bad_model_path_is_an_upstream_error(tmp_path: Path) -> None:
@@ -287,19 +282,19 @@ class GatedLoader:
         self.calls = 0
         self.failures = failures
 
-    def __call__(self, model: str, device: str) -> Any:
+    def __call__(self, model: str, device: str, dtype: str) -> Any:
         self.calls += 1
         self.gate.wait(10)
         if self.calls <= self.failures:
             raise OSError("disk on fire")
-        return load_model(model, device)
+        return load_model(model, device, dtype)
 
 
 async def test_requests_arriving_while_the_model_loads_share_one_load_logged_once(
     tiny_model: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     loader = GatedLoader()
-    local = LocalSource(tiny_model, device="cpu", max_new_tokens=5, concurrency=3, loader=loader)
+    local = LocalSource(tiny_model, device="cpu", max_new_tokens=5, max_batch=3, loader=loader)
     queues: list[asyncio.Queue[str]] = [asyncio.Queue() for _ in range(3)]
     deadline = time.monotonic() + 30
     with caplog.at_level("WARNING"):
@@ -358,3 +353,16 @@ async def test_real_smollm2_gguf_answers_on_cpu() -> None:
         f"\nSmolLM2 GGUF on CPU: load {loaded_after:.1f}s, first token {seen[0][0] - started:.3f}s,"
         f" {len(seen)} pieces in {seen[-1][0] - started:.3f}s: {text!r}"
     )
+
+
+async def test_prompt_over_the_context_keeps_its_last_tokens(
+    tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = source(tiny_model, max_new_tokens=12)
+    prompts = spy_prompts(local, monkeypatch)
+    context = local.load().model.config.max_position_embeddings
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    await local.produce([HumanMessage("the " * (context + 1000))], queue, time.monotonic() + 30)
+    await local.produce(QUESTION, queue, time.monotonic() + 30)
+    assert len(prompts[0]) == context - 12 and len(prompts[1]) < 50
+    assert not queue.empty()

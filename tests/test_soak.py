@@ -234,7 +234,7 @@ async def test_soak(serve_miner, validator, tiny_model) -> None:
         miner = serve_miner(
             "--openai.base_url", up.base_url, "--neuron.streaming_batch_size", "4",
             "--blacklist.max_requests_per_minute", "0",  # one validator hotkey asks for all 16
-            *local_flags(tiny_model, "--fallback.concurrency", "2", "--fallback.cooldown", "0.5"),
+            *local_flags(tiny_model, "--fallback.max_batch", "2", "--fallback.cooldown", "0.5"),
         )
         local = miner.source.local
         dendrites = [bt.Dendrite(wallet=validator) for _ in range(CONCURRENCY)]

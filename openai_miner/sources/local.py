@@ -2,22 +2,53 @@
 
 Loading takes seconds to minutes, so it happens once: at start-up (:meth:`LocalSource.load`), or
 in a background thread started by the first request that needs the model, which every request
-needing it meanwhile waits for, each within its own deadline. ``generate()`` is blocking and long,
-so it runs in the source's own threads; tokens cross back to the event loop with
-``call_soon_threadsafe``. A per-request stop flag, checked between tokens,
-ends generation within one token of a cancelled request or a passed deadline, so an abandoned
-request stops using the CPU/GPU. A prompt over the model's context keeps its most recent tokens:
-past its trained positions a model answers nonsense, or fails outright.
+needing it meanwhile waits for, each within its own deadline.
+
+**Batched generation.** Requests share one running batch: transformers' continuous batching
+(``model.init_continuous_batching()``, a :class:`ContinuousBatchingManager` whose own background
+thread runs one forward step of every request in the batch at a time). A request joins at the next
+step (``add_request``), leaves when it ends, or at the next step once cancelled (``cancel_request``:
+at its deadline, on hang-up, or at a stop string), so an abandoned request stops using the CPU/GPU.
+Each request keeps its own ``max_tokens``, temperature, top-p, top-k and stream: per-request logits
+processors. ``max_batch`` caps the requests using the model at once (others wait, each within its
+deadline); ``max_batch=1`` answers one request at a time. Outputs leave the manager's queue through
+one dispatcher thread that decodes them and hands the text to each request's asyncio queue with
+``call_soon_threadsafe``: nothing blocks the event loop.
+
+**The plain path.** A request goes to a plain ``generate()`` call in this source's own threads
+(still at most ``max_batch`` requests in all) where continuous batching cannot serve it:
+
+- ``seed`` set: the batch samples every request from one shared random generator, so a request's
+  seed cannot make its own answer reproducible; the plain path samples with a generator of its own.
+- ``top_logprobs`` set: the manager returns only the chosen token's log-probability (of the
+  temperature-scaled distribution), never the alternatives.
+- the model cannot batch: no ``init_continuous_batching`` (not a transformers generative model), an
+  attention implementation other than SDPA or flash (the manager would switch the shared model to
+  ``paged|eager``, under plain-path requests), or a manager that failed to start or crashed (logged;
+  the next request tries a fresh one).
+
+**Repetition guard.** Small models loop. Both paths apply a repetition penalty (the model's own
+``generation_config.repetition_penalty`` if it sets one, else ``repetition_penalty``) over the
+prompt and the answer so far. Transformers' own processor does not run in a batch (it sees only the
+last token there and is dropped), so the batch uses :class:`_BatchRepetitionPenalty`, which reads
+each request's history; its result is the same as ``generate()``'s.
+
+A prompt over the model's context keeps its most recent tokens: past its trained positions a model
+answers nonsense, or fails outright.
 """
 
 import asyncio
+import copy
 import functools
 import importlib.util
+import itertools
+import math
 import os
+import queue as queue_module
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,14 +58,17 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     StoppingCriteria,
     StoppingCriteriaList,
-    TextStreamer,
 )
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling, UpstreamError
+from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling, Token, UpstreamError
 
 # For tokenizers that ship without one (base models, some GGUF files).
 FALLBACK_CHAT_TEMPLATE = (
@@ -49,6 +83,25 @@ ROLES: dict[type[BaseMessage], str] = {
 }
 
 _TRUE = {"1", "true", "yes", "on"}
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+# Default repetition penalty for models whose generation config sets none.
+REPETITION_PENALTY = 1.2
+# Default most new tokens: SmolLM2-135M (float32) on a 2-core CPU makes about 23 tokens/s alone,
+# 67 in all (8 per request) in a batch of 8 and 83 (5 per request) in a batch of 16: 128 tokens
+# finish in about 6 s alone and about 15 s in a batch of 8, inside a 12-20 s deadline.
+MAX_NEW_TOKENS = 128
+# Tokens of KV cache per request the batch reserves room for (a single request may use the whole
+# context); the cache is allocated zeroed, so untouched memory costs nothing on CPU.
+CACHE_TOKENS_PER_REQUEST = 1024
+# Most prompt tokens in one forward step: a long prompt is prefilled over several steps, so requests
+# already decoding keep streaming meanwhile.
+STEP_TOKENS = {"cpu": 256, "cuda": 2048}
 
 
 @functools.cache
@@ -71,6 +124,24 @@ def pick_device(
             "use 'cpu' or 'auto', or install a CUDA build of torch"
         )
     return requested
+
+
+def _bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def pick_dtype(
+    requested: str | None, device: str, bf16_supported: Callable[[], bool] = _bf16_supported
+) -> torch.dtype:
+    """The dtype to load weights in: ``auto`` is bfloat16 on CUDA (float16 where the GPU has no
+    bfloat16), float32 elsewhere; an explicit name is taken as is."""
+    if requested is None or requested == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if bf16_supported() else torch.float16
+        return torch.float32
+    if requested not in DTYPES:
+        raise ValueError(f"dtype {requested!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[requested]
 
 
 def default_model() -> str | None:
@@ -96,12 +167,18 @@ class LoadedModel:
     device: str
 
 
-def load_model(model: str, device: str) -> LoadedModel:
+def parameter_megabytes(model: torch.nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+
+
+def load_model(model: str, device: str, dtype: str | None = "auto") -> LoadedModel:
     """Load a hub id, a ``save_pretrained`` directory or a ``.gguf`` file, ready to generate.
 
-    Blocking and slow (seconds to minutes): call it from a thread when an event loop is running.
+    Weights are loaded (a GGUF file de-quantized) straight into :func:`pick_dtype`'s dtype. Blocking
+    and slow (seconds to minutes): call it from a thread when an event loop is running.
     """
     started = time.monotonic()
+    torch_dtype = pick_dtype(dtype, device)
     path = Path(model).expanduser()
     kwargs: dict[str, Any] = {
         "local_files_only": path.exists() or os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE
@@ -115,50 +192,336 @@ def load_model(model: str, device: str) -> LoadedModel:
     if tokenizer.chat_template is None:
         bt.logging.info(f"{model} has no chat template: using a plain 'role: content' one")
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
-    loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs).to(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs).to(device)
     loaded.eval()
-    bt.logging.info(f"loaded {model} on {device} in {time.monotonic() - started:.1f}s")
+    memory = f"{parameter_megabytes(loaded):.0f} MB of parameters"
+    if device.startswith("cuda"):
+        memory += f", {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB CUDA peak"
+    bt.logging.info(
+        f"loaded {model} on {device} ({str(loaded.dtype).removeprefix('torch.')}, {memory}) "
+        f"in {time.monotonic() - started:.1f}s"
+    )
     return LoadedModel(tokenizer=tokenizer, model=loaded, device=device)
 
 
-class _StopWhen(StoppingCriteria):
-    """Ends generation once the request is abandoned or its deadline has passed."""
+# --------------------------------------------------------------------------------------------------
+# Text out of token ids, token by token
 
-    def __init__(self, stop: threading.Event, deadline: float) -> None:
+
+class _Decoder:
+    """Turns one answer's token ids into text pieces, or :class:`Token` items with logprobs.
+
+    Decodes a short window (the previous piece plus the new ids) rather than the whole answer, and
+    holds back ids that end inside a multi-byte character. Special tokens yield no text.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the window decoded for context
+        self.read = 0  # ids before this are already sent
+        self.logprob = 0.0  # of the ids held back so far
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix : self.read])
+        text = self._decode(self.ids[self.prefix :])
+        if len(text) > len(before) and not text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(before) :]
+        return ""
+
+    def push_token(
+        self, token_id: int, logprob: float, top: list[tuple[int, float]]
+    ) -> Token | None:
+        self.logprob += logprob
+        text = self.push(token_id)
+        if not text:
+            return None
+        item = Token(text, self.logprob, tuple((self.tokenizer.decode([i]), lp) for i, lp in top))
+        self.logprob = 0.0
+        return item
+
+
+class _StopStrings:
+    """Cuts an answer at the first stop string, holding back text that may begin one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [stop for stop in stops if stop]
+        self.held = ""
+        self.stopped = False
+
+    def feed(self, item: "str | Token") -> "list[str | Token]":
+        if self.stopped:
+            return []
+        if not self.stops:
+            return [item]
+        if isinstance(item, Token):  # atomic: ends the answer if the text so far holds a stop
+            text = self.held + item.text
+            if any(stop in text for stop in self.stops):
+                self.stopped = True
+                return []
+            self.held = text[-max(map(len, self.stops)) :]
+            return [item]
+        text = self.held + item
+        cuts = [text.find(stop) for stop in self.stops if stop in text]
+        if cuts:
+            self.stopped = True
+            return [text[: min(cuts)]] if min(cuts) else []
+        keep = max((n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+        self.held = text[len(text) - keep :] if keep else ""
+        out = text[: len(text) - keep]
+        return [out] if out else []
+
+
+# --------------------------------------------------------------------------------------------------
+# The plain generate() path
+
+
+class _StopWhen(StoppingCriteria):
+    """Ends generation once the request is abandoned, its deadline has passed or a stop string came."""
+
+    def __init__(self, stop: threading.Event, deadline: float, stops: "_StopStrings") -> None:
         self.stop = stop
         self.deadline = deadline
+        self.stops = stops
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        done = self.stop.is_set() or time.monotonic() >= self.deadline
+        done = self.stop.is_set() or self.stops.stopped or time.monotonic() >= self.deadline
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
-class _QueueStreamer(TextStreamer):
-    """Hands each decoded piece of text from the generate() thread to the request's queue.
+class _Pick(LogitsProcessor):
+    """The last processor of a plain ``generate()``: picks the token itself and reports it.
 
-    One per request, so no text can leak into another answer. Nothing is put once the request
-    has stopped: the caller may already be gone.
+    It samples (temperature, top-k, top-p) with its own generator, so a seed makes the answer
+    reproducible whatever else runs, or takes the most likely token at temperature 0, then leaves
+    only that token possible for ``generate()``'s greedy choice. Log-probabilities are those of the
+    scores it receives: the model's, after the repetition guard, before temperature.
     """
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerBase,
-        loop: asyncio.AbstractEventLoop,
-        queue: "asyncio.Queue[str]",
-        stop: threading.Event,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        seed: int | None,
+        top_logprobs: int | None,
+        on_token: Callable[[int, float, list[tuple[int, float]]], None],
     ) -> None:
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.loop = loop
-        self.queue = queue
-        self.stop = stop
+        self.temperature = temperature
+        self.warpers: list[LogitsProcessor] = []
+        if top_k:
+            self.warpers.append(TopKLogitsWarper(top_k))
+        if top_p is not None and top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p))
+        self.seed = seed
+        self.generator: torch.Generator | None = None
+        self.top_logprobs = top_logprobs
+        self.on_token = on_token
 
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text and not self.stop.is_set():
-            self.loop.call_soon_threadsafe(self._put, text)
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float()
+        if self.temperature > 0:
+            warped = scores / self.temperature
+            for warper in self.warpers:
+                warped = warper(input_ids, warped)
+            if self.generator is None:
+                self.generator = torch.Generator(device=scores.device)
+                if self.seed is None:
+                    self.generator.seed()
+                else:
+                    self.generator.manual_seed(self.seed)
+            chosen = torch.multinomial(warped.softmax(-1), 1, generator=self.generator)[:, 0]
+        else:
+            chosen = scores.argmax(-1)
+        if self.top_logprobs is not None:
+            logprobs = scores[0].log_softmax(-1)
+            best = logprobs.topk(self.top_logprobs) if self.top_logprobs else None
+            top = list(zip(best.indices.tolist(), best.values.tolist())) if best is not None else []
+            self.on_token(int(chosen[0]), float(logprobs[chosen[0]]), top)
+        else:
+            self.on_token(int(chosen[0]), 0.0, [])
+        picked = torch.full_like(scores, -math.inf)
+        picked.scatter_(1, chosen[:, None], 0.0)
+        return picked
 
-    def _put(self, text: str) -> None:
-        if not self.stop.is_set():
-            self.queue.put_nowait(text)
+
+# --------------------------------------------------------------------------------------------------
+# Continuous batching
+
+
+def _cb_classes() -> tuple[type, type]:
+    from transformers.generation.continuous_batching.cb_logits_processors import (
+        ContinuousBatchingLogitsProcessor,
+    )
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    return ContinuousBatchingLogitsProcessor, ContinuousBatchingConfig
+
+
+def _batch_processors(penalty: float | None) -> list[Any]:
+    """Two per-request logits processors for the batch: the repetition guard and greedy choice."""
+    base, _ = _cb_classes()
+
+    class RepetitionPenalty(base):  # type: ignore[misc, valid-type]
+        """transformers' repetition penalty for a batch: each row penalizes its own history.
+
+        The history of each row is read from the requests when the step is prepared (on the
+        manager's thread, just before the forward pass: no CUDA graphs, no async batching).
+        """
+
+        supported_kwargs: dict[str, type] = {}
+        ignored_kwargs: tuple[str, ...] = ()
+
+        def __init__(self) -> None:
+            self.penalty = penalty
+            self.histories: list[list[int]] = []
+
+        def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+            int32_tensor.fill_(0)
+
+        def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
+            self.histories = [
+                r.state.initial_tokens + r.state.generated_tokens for r in requests_with_new_token
+            ]
+            return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
+
+        def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+            if not self.penalty or self.penalty == 1.0 or not self.histories:
+                return scores
+            rows, vocab = scores.shape[0], scores.shape[-1]
+            mask = torch.zeros((rows, vocab + 1), dtype=torch.bool, device=scores.device)
+            for row, history in enumerate(self.histories[:rows]):
+                ids = torch.tensor(history, dtype=torch.long, device=scores.device).clamp(max=vocab)
+                mask[row, ids] = True
+            penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+            return torch.where(mask[:, :vocab], penalized, scores)
+
+    class Greedy(base):  # type: ignore[misc, valid-type]
+        """Leaves only the most likely token possible in rows that asked for temperature 0."""
+
+        supported_kwargs: dict[str, type] = {"greedy": int}
+        ignored_kwargs: tuple[str, ...] = ()
+
+        def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+            int32_tensor.fill_(0)
+
+        def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
+            flags = [r.state.logit_processor_kwargs.get("greedy", 0) for r in requests_with_new_token]
+            return torch.tensor(flags, dtype=torch.int32)
+
+        def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+            greedy = tensor_arg[: scores.shape[0]].bool()
+            if not bool(greedy.any()):
+                return scores
+            best = torch.full_like(scores, -math.inf)
+            best.scatter_(1, scores.argmax(-1, keepdim=True), 0.0)
+            return torch.where(greedy[:, None], best, scores)
+
+    return [RepetitionPenalty(), Greedy()]
+
+
+@dataclass
+class _Request:
+    """One request in the batch, as the dispatcher thread sees it."""
+
+    decoder: _Decoder
+    loop: asyncio.AbstractEventLoop
+    deliver: Callable[[list[str], bool, str | None], None]
+    seen: int = 0
+
+
+class _Batch:
+    """A running continuous-batching manager and the thread that routes its outputs."""
+
+    def __init__(self, manager: Any, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.manager = manager
+        self.tokenizer = tokenizer
+        self.requests: dict[str, _Request] = {}
+        self.lock = threading.Lock()
+        self.ids = itertools.count()
+        self.closed = False
+        self.dispatcher = threading.Thread(target=self._dispatch, name="local-batch-out", daemon=True)
+        self.dispatcher.start()
+
+    def alive(self) -> bool:
+        return not self.closed and self.manager.is_running()
+
+    def holding(self) -> int:
+        """Requests the batch holds: queued for it, waiting in it, or generating."""
+        manager = self.manager
+        count = manager.input_queue.qsize()
+        processor = manager.batch_processor
+        if processor is not None:
+            scheduler = processor.scheduler
+            count += len(scheduler.active_requests) + len(scheduler.waiting_requests)
+        return count
+
+    def add(self, input_ids: list[int], request: _Request, max_new_tokens: int, **kwargs: Any) -> str:
+        request_id = f"local-{next(self.ids)}"
+        with self.lock:
+            self.requests[request_id] = request
+        added = self.manager.add_request(
+            input_ids, request_id=request_id, max_new_tokens=max_new_tokens, streaming=True, **kwargs
+        )
+        if added is None:
+            with self.lock:
+                self.requests.pop(request_id, None)
+            raise RuntimeError("the batch refused the request")
+        return request_id
+
+    def cancel(self, request_id: str) -> None:
+        with self.lock:
+            known = self.requests.pop(request_id, None) is not None
+        if known:
+            self.manager.cancel_request(request_id)
+
+    def _dispatch(self) -> None:
+        while not self.closed:
+            output = self.manager.get_result(timeout=0.1)
+            if output is None:
+                if not self.manager.is_running():  # crashed: its requests' errors are already out
+                    self._fail_all("the batch stopped")
+                    return
+                continue
+            finished = output.is_finished()
+            with self.lock:
+                request = self.requests.get(output.request_id)
+                if request is not None and finished:
+                    del self.requests[output.request_id]
+            if request is None:  # cancelled
+                continue
+            new = output.generated_tokens[request.seen :]
+            request.seen = len(output.generated_tokens)
+            texts = [text for text in map(request.decoder.push, new) if text]
+            try:
+                request.loop.call_soon_threadsafe(request.deliver, texts, finished, output.error)
+            except RuntimeError:  # its loop is closed
+                pass
+
+    def _fail_all(self, error: str) -> None:
+        with self.lock:
+            requests, self.requests = list(self.requests.values()), {}
+        for request in requests:
+            try:
+                request.loop.call_soon_threadsafe(request.deliver, [], True, error)
+            except RuntimeError:
+                pass
+
+    def close(self) -> None:
+        self.closed = True
+        if self.manager.is_running():
+            self.manager.stop(block=True, timeout=10)
+        self._fail_all("the batch was stopped")
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def _release_soon(loop: asyncio.AbstractEventLoop, semaphore: asyncio.Semaphore) -> None:
@@ -168,10 +531,29 @@ def _release_soon(loop: asyncio.AbstractEventLoop, semaphore: asyncio.Semaphore)
         pass
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """One request's resolved settings."""
+
+    temperature: float
+    top_p: float | None
+    top_k: int | None
+    max_new_tokens: int
+    seed: int | None
+    stop: tuple[str, ...]
+    top_logprobs: int | None
+    extra: dict = field(default_factory=dict)
+
+
 class LocalSource:
     """Answers with a local transformers model, loaded at start (:meth:`load`) or on first use.
 
-    ``loader`` turns (model, device) into a :class:`LoadedModel`; tests pass a slow one.
+    ``max_batch`` caps the requests generating at once, in one continuous batch (others wait for a
+    place, each within its deadline). ``dtype`` is ``auto`` (bfloat16 on CUDA, float16 where the GPU
+    lacks it, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``. ``repetition_penalty`` is
+    used for models whose generation config sets none (1.0: none). ``batching=False`` sends every
+    request to the plain ``generate()`` path. ``loader`` turns (model, device, dtype) into a
+    :class:`LoadedModel`; tests pass a slow one.
     """
 
     name = "local"
@@ -180,21 +562,30 @@ class LocalSource:
         self,
         model: str,
         device: str | None = None,
-        max_new_tokens: int = 256,
-        concurrency: int = 1,
-        temperature: float = 0.7,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        max_batch: int = 32,
+        temperature: float = 0.0,
+        dtype: str = "auto",
+        repetition_penalty: float = REPETITION_PENALTY,
+        batching: bool = True,
         executor: ThreadPoolExecutor | None = None,
-        loader: Callable[[str, str], LoadedModel] = load_model,
+        loader: Callable[[str, str, str], LoadedModel] = load_model,
     ) -> None:
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be positive, not {repetition_penalty}")
         self.model = model
         self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self._dtype_name = dtype
         self.max_new_tokens = max_new_tokens
-        self.concurrency = concurrency
+        self.max_batch = max_batch
         self.temperature = temperature
+        self.repetition_penalty = repetition_penalty
+        self.batching = batching
         self._executor = executor or ThreadPoolExecutor(
-            max_workers=concurrency, thread_name_prefix="local-generate"
+            max_workers=max_batch, thread_name_prefix="local-generate"
         )
         self._loader = loader
         self._loaded: LoadedModel | None = None
@@ -203,24 +594,45 @@ class LocalSource:
         self._loading_lock = threading.Lock()
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         self._count_lock = threading.Lock()
-        self._generating = 0
+        self._plain = 0
+        self._batch: _Batch | None = None
+        self._batch_lock = threading.Lock()
+        self._batch_unavailable: str | None = None
+
+    # ---------------------------------------------------------------------------------------------
 
     @property
     def generating(self) -> int:
-        """How many generate() calls are running right now, abandoned ones included."""
-        return self._generating
+        """Requests using the model now: plain generate() calls running, abandoned ones included,
+        and requests the batch holds (a cancelled one until the batch has dropped it)."""
+        batch = self._batch
+        return self._plain + (batch.holding() if batch is not None else 0)
 
     @property
     def loaded(self) -> bool:
         """Whether a request can generate at once, without waiting for the model to load."""
         return self._loaded is not None
 
+    def describe(self) -> str:
+        dtype = str(self._loaded.model.dtype if self._loaded else self.dtype).removeprefix("torch.")
+        return f"local ({Path(self.model).name} on {self.device}, {dtype})"
+
     def load(self) -> LoadedModel:
-        """Load the model once (blocking); later calls return the same one."""
+        """Load the model once (blocking) and start its batch; later calls return the same one."""
         with self._load_lock:
             if self._loaded is None:
-                self._loaded = self._loader(self.model, self.device)
+                loaded = self._loader(self.model, self.device, self._dtype_name)
+                if self.batching and _cannot_batch(loaded.model) is None:
+                    self._start_batch(loaded)  # its cache is allocated now, not by the first request
+                self._loaded = loaded
             return self._loaded
+
+    def close(self) -> None:
+        """Stop the batch's thread (a later request starts a fresh one)."""
+        with self._batch_lock:
+            batch, self._batch = self._batch, None
+        if batch is not None:
+            batch.close()
 
     def _background_load(self) -> "Future[LoadedModel]":
         """The one load in progress, started now if none is (or the last one failed).
@@ -249,16 +661,43 @@ class LocalSource:
             bt.logging.error(f"could not load the local model {self.model!r}: {type(exc).__name__}: {exc}")
             future.set_exception(exc)
 
-    def describe(self) -> str:
-        return f"local ({os.path.basename(self.model)} on {self.device})"
-
     def models(self) -> frozenset[str]:
         return frozenset({self.model, os.path.basename(self.model)})
+
+    # ---------------------------------------------------------------------------------------------
+
+    def _plan(self, loaded: LoadedModel, sampling: Sampling) -> _Plan:
+        temperature = self.temperature if sampling.temperature is None else sampling.temperature
+        max_new = self.max_new_tokens if sampling.max_tokens is None else min(sampling.max_tokens, self.max_new_tokens)
+        return _Plan(
+            temperature=max(temperature, 0.0),
+            top_p=sampling.top_p,
+            top_k=sampling.top_k or None,
+            max_new_tokens=max(max_new, 1),
+            seed=sampling.seed,
+            stop=tuple(sampling.stop),
+            top_logprobs=sampling.top_logprobs,
+        )
+
+    def _penalty(self, loaded: LoadedModel) -> float | None:
+        own = getattr(loaded.model.generation_config, "repetition_penalty", None)
+        penalty = own if own not in (None, 1.0) else self.repetition_penalty
+        return None if penalty == 1.0 else float(penalty)
+
+    def plain_reason(self, loaded: LoadedModel, plan: _Plan) -> str | None:
+        """Why this request cannot join the batch (None: it can)."""
+        if not self.batching:
+            return "batching is off"
+        if plan.seed is not None:
+            return "a seed needs a random generator of its own"
+        if plan.top_logprobs is not None:
+            return "the batch gives no alternative tokens' logprobs"
+        return self._batch_unavailable or _cannot_batch(loaded.model)
 
     async def produce(
         self,
         messages: Sequence[BaseMessage],
-        queue: "asyncio.Queue[str]",
+        queue: "asyncio.Queue[str | Token]",
         deadline: float,
         sampling: Sampling = DEFAULT_SAMPLING,
     ) -> None:
@@ -272,19 +711,188 @@ class LocalSource:
                 raise UpstreamError(
                     f"could not load local model {self.model!r}: {type(exc).__name__}"
                 ) from exc
+        if time.monotonic() >= deadline:
+            return
         slots = self._semaphore(loop)
         try:
             await asyncio.wait_for(slots.acquire(), timeout=max(deadline - time.monotonic(), 0))
         except asyncio.TimeoutError:
             bt.logging.debug("local model busy until the deadline: nothing produced")
             return
+        plan = self._plan(loaded, sampling)
+        release = True
+        try:
+            input_ids = await asyncio.to_thread(self._prompt, loaded, chat, plan)
+            if self.plain_reason(loaded, plan) is None:
+                batch = await self._running_batch(loaded)
+                if batch is not None:
+                    await self._produce_batched(batch, loaded, input_ids, plan, queue, deadline)
+                    return
+            release = False  # the plain path frees its place when its thread really ends
+            await self._produce_plain(loaded, input_ids, plan, queue, deadline, slots)
+        finally:
+            if release:
+                slots.release()
+
+    def _semaphore(self, loop: asyncio.AbstractEventLoop) -> asyncio.Semaphore:
+        if self._slots is None or self._slots[0] is not loop:
+            self._slots = (loop, asyncio.Semaphore(self.max_batch))
+        return self._slots[1]
+
+    def _prompt(self, loaded: LoadedModel, chat: list[dict[str, str]], plan: _Plan) -> list[int]:
+        # Control tokens typed by the validator stay text: only the template writes real ones.
+        ids = loaded.tokenizer.apply_chat_template(
+            chat,
+            add_generation_prompt=True,
+            sanitize_control_tokens=True,
+            return_dict=True,
+        )["input_ids"]
+        room = self._prompt_room(loaded)
+        if room is not None and len(ids) > room:
+            bt.logging.info(
+                f"prompt of {len(ids)} tokens is over the local model's context: keeping its last {room}"
+            )
+            ids = ids[-room:]
+        return list(ids)
+
+    def _prompt_room(self, loaded: LoadedModel) -> int | None:
+        """Most prompt tokens that leave room for the answer in the model's context (None: unknown)."""
+        context = _context(loaded.model)
+        if context is None:
+            return None
+        return context - min(self.max_new_tokens, context // 2)
+
+    # ------------------------------------------------------------------------------- the batch ---
+
+    async def _running_batch(self, loaded: LoadedModel) -> "_Batch | None":
+        batch = self._batch
+        if batch is not None and batch.alive():
+            return batch
+        return await asyncio.to_thread(self._start_batch, loaded)
+
+    def _start_batch(self, loaded: LoadedModel) -> "_Batch | None":
+        with self._batch_lock:
+            if self._batch is not None and self._batch.alive():
+                return self._batch
+            if self._batch is not None:
+                bt.logging.warning("the local model's batch stopped: starting a fresh one")
+                self._batch.close()
+                self._batch = None
+            try:
+                manager = self._new_manager(loaded)
+                # Its thread inherits this daemon thread's daemon flag: it never holds up an exit.
+                starter = threading.Thread(target=manager.start, name="local-batch-start", daemon=True)
+                starter.start()
+                starter.join()
+            except Exception as exc:
+                self._batch_unavailable = f"continuous batching failed to start ({type(exc).__name__})"
+                bt.logging.warning(f"local model: {self._batch_unavailable}: {exc}; using generate()")
+                return None
+            self._batch = _Batch(manager, loaded.tokenizer)
+            return self._batch
+
+    def _new_manager(self, loaded: LoadedModel) -> Any:
+        _, ContinuousBatchingConfig = _cb_classes()
+        model, tokenizer = loaded.model, loaded.tokenizer
+        config = copy.deepcopy(model.generation_config)
+        config.do_sample = True
+        # Values only make the per-request processors exist: every request passes its own.
+        config.temperature, config.top_k, config.top_p = 0.5, 50, 0.9
+        config.repetition_penalty = None  # dropped by the batch: ours replaces it
+        config.max_new_tokens = self.max_new_tokens
+        config.num_return_sequences = 1
+        if config.eos_token_id is None:
+            config.eos_token_id = tokenizer.eos_token_id
+        context = _context(model) or 4096
+        cache_tokens = max(context, self.max_batch * min(context, CACHE_TOKENS_PER_REQUEST))
+        page = 256
+        cb_config = ContinuousBatchingConfig(
+            page_size=page,
+            num_blocks=math.ceil(cache_tokens / page),
+            max_batch_tokens=STEP_TOKENS["cuda" if loaded.device.startswith("cuda") else "cpu"],
+            max_requests_per_batch=self.max_batch,
+            use_cuda_graph=False,  # the repetition guard reads each step's histories on the host
+            use_async_batching=False,
+            auto_switch_to_flash=False,  # keep the attention the plain path shares
+            per_request_processors=True,
+            drop_unsupported_processors=True,
+        )
+        manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cb_config)
+        processors = manager.logit_processor
+        repetition, greedy = _batch_processors(self._penalty(loaded))
+        processors.logits_processor.insert(0, repetition)  # before temperature, as in generate()
+        processors.logits_processor.append(greedy)  # after top-k/top-p: the best token survives them
+        processors.tensors_required += 2
+        processors._retrieve_processors_kwargs()
+        processors.do_processing = True
+        return manager
+
+    async def _produce_batched(
+        self,
+        batch: _Batch,
+        loaded: LoadedModel,
+        input_ids: list[int],
+        plan: _Plan,
+        queue: "asyncio.Queue[str | Token]",
+        deadline: float,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[str | None] = loop.create_future()
+        stops = _StopStrings(plan.stop)
+
+        def deliver(texts: list[str], finished: bool, error: str | None) -> None:
+            if done.done():
+                return
+            for text in texts:
+                for piece in stops.feed(text):
+                    queue.put_nowait(piece)
+            if stops.stopped:
+                done.set_result(None)
+            elif finished:
+                done.set_result(error)
+
+        kwargs: dict[str, Any] = {
+            "greedy": int(plan.temperature == 0),
+            "temperature": float(plan.temperature or 1.0),
+            "top_p": float(plan.top_p if plan.top_p is not None else 1.0),
+            "top_k": int(plan.top_k or len(loaded.tokenizer)),
+        }
+        supported = batch.manager.logit_processor.supported_keys
+        kwargs = {key: value for key, value in kwargs.items() if key in supported}
+        request = _Request(_Decoder(loaded.tokenizer), loop, deliver)
+        request_id = batch.add(input_ids, request, plan.max_new_tokens, **kwargs)
+        try:
+            error = await asyncio.wait_for(asyncio.shield(done), timeout=max(deadline - time.monotonic(), 0))
+        except asyncio.TimeoutError:
+            return  # the deadline: the finally below takes it out of the batch
+        finally:
+            if not done.done() or stops.stopped:
+                batch.cancel(request_id)
+            if not done.done():
+                done.cancel()
+        if error is not None:
+            bt.logging.warning(f"local generation failed in the batch: {error[:200]}")
+            raise UpstreamError("local model failed while generating")
+
+    # ------------------------------------------------------------------------------- plain path ---
+
+    async def _produce_plain(
+        self,
+        loaded: LoadedModel,
+        input_ids: list[int],
+        plan: _Plan,
+        queue: "asyncio.Queue[str | Token]",
+        deadline: float,
+        slots: asyncio.Semaphore,
+    ) -> None:
+        loop = asyncio.get_running_loop()
         stop = threading.Event()
         try:
-            job = self._executor.submit(self._generate, loaded, chat, loop, queue, stop, deadline)
+            job = self._executor.submit(self._generate, loaded, input_ids, plan, loop, queue, stop, deadline)
         except BaseException:
             slots.release()
             raise
-        # The slot is freed when the thread really ends, not when this request gives up on it.
+        # The place is freed when the thread really ends, not when this request gives up on it.
         job.add_done_callback(lambda _: _release_soon(loop, slots))
         try:
             await asyncio.wrap_future(job)
@@ -294,66 +902,77 @@ class LocalSource:
         finally:
             stop.set()
 
-    def _semaphore(self, loop: asyncio.AbstractEventLoop) -> asyncio.Semaphore:
-        if self._slots is None or self._slots[0] is not loop:
-            self._slots = (loop, asyncio.Semaphore(self.concurrency))
-        return self._slots[1]
-
     def _generate(
         self,
         loaded: LoadedModel,
-        chat: list[dict[str, str]],
+        input_ids: list[int],
+        plan: _Plan,
         loop: asyncio.AbstractEventLoop,
-        queue: "asyncio.Queue[str]",
+        queue: "asyncio.Queue[str | Token]",
         stop: threading.Event,
         deadline: float,
     ) -> None:
         if stop.is_set():  # abandoned while waiting for a thread: skip the prefill too
             return
         with self._count_lock:
-            self._generating += 1
+            self._plain += 1
         try:
             tokenizer = loaded.tokenizer
-            # Control tokens typed by the validator stay text: only the template writes real ones.
-            inputs = tokenizer.apply_chat_template(
-                chat,
-                add_generation_prompt=True,
-                sanitize_control_tokens=True,
-                return_dict=True,
-                return_tensors="pt",
-            ).to(loaded.device)
-            room = self._prompt_room(loaded)
-            if room is not None and inputs["input_ids"].shape[-1] > room:
-                bt.logging.info(
-                    f"prompt of {inputs['input_ids'].shape[-1]} tokens is over the local model's "
-                    f"context: keeping its last {room}"
+            decoder = _Decoder(tokenizer)
+            stops = _StopStrings(plan.stop)
+
+            def put(items: "list[str | Token]") -> None:
+                if not stop.is_set():
+                    for item in items:
+                        queue.put_nowait(item)
+
+            def on_token(token_id: int, logprob: float, top: list[tuple[int, float]]) -> None:
+                if stop.is_set() or stops.stopped:
+                    return
+                item: "str | Token | None" = (
+                    decoder.push_token(token_id, logprob, top)
+                    if plan.top_logprobs is not None
+                    else decoder.push(token_id)
                 )
-                inputs = {name: tensor[:, -room:] for name, tensor in inputs.items()}
-            sampling: dict[str, Any] = (
-                {"do_sample": True, "temperature": self.temperature}
-                if self.temperature > 0
-                else {"do_sample": False}
-            )
+                if item:
+                    items = stops.feed(item)
+                    if items:
+                        loop.call_soon_threadsafe(put, items)
+
+            ids = torch.tensor([input_ids], device=loaded.device)
+            pick = _Pick(plan.temperature, plan.top_k, plan.top_p, plan.seed, plan.top_logprobs, on_token)
             loaded.model.generate(
-                **inputs,
-                **sampling,
-                max_new_tokens=self.max_new_tokens,
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                repetition_penalty=self._penalty(loaded),
+                max_new_tokens=plan.max_new_tokens,
                 pad_token_id=(
                     tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
                 ),
-                streamer=_QueueStreamer(tokenizer, loop, queue, stop),
-                stopping_criteria=StoppingCriteriaList([_StopWhen(stop, deadline)]),
+                logits_processor=LogitsProcessorList([pick]),
+                stopping_criteria=StoppingCriteriaList([_StopWhen(stop, deadline, stops)]),
             )
         finally:
             with self._count_lock:
-                self._generating -= 1
+                self._plain -= 1
 
-    def _prompt_room(self, loaded: LoadedModel) -> int | None:
-        """Most prompt tokens that leave room for the answer in the model's context (None: unknown)."""
-        context = getattr(loaded.model.config, "max_position_embeddings", None)
-        if not isinstance(context, int) or context <= 0:
-            return None
-        return context - min(self.max_new_tokens, context // 2)
+
+def _context(model: PreTrainedModel) -> int | None:
+    context = getattr(model.config, "max_position_embeddings", None)
+    return context if isinstance(context, int) and context > 0 else None
+
+
+def _cannot_batch(model: PreTrainedModel) -> str | None:
+    if not callable(getattr(model, "init_continuous_batching", None)):
+        return "the model has no continuous batching"
+    attention = getattr(model.config, "_attn_implementation", None)
+    if attention != "sdpa" and not str(attention).startswith("flash"):
+        return f"continuous batching would switch the shared model's {attention} attention"
+    return None
 
 
 def _role(message: BaseMessage) -> str:

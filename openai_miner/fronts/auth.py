@@ -1,83 +1,60 @@
-"""Who signed an HTTP request: Epistula v2 (SN1's validators) and btauth/1 (bittensor 11).
+"""Who signed an HTTP request: the two schemes validators use, checked in two steps.
 
-Checking comes in two steps so that a front can refuse cheaply: :meth:`Authenticator.claim`
-reads the headers (scheme, version, receiver, freshness, an already-seen nonce) without any
-signature work, the front then looks the claimed hotkey up in its access policy, and only then
-:meth:`Authenticator.verify` checks the sr25519 signature and remembers the nonce. A nonce is
-remembered only after its signature verified, so a stranger cannot burn a validator's nonces.
-Reasons are short and never echo a header, so they are safe to send back.
-
-The signers (:func:`epistula_headers`, :func:`btauth_headers`) are the validator's side, used by
-the test kit; btauth/1 is implemented from its spec and pinned by vectors that bittensor 11's
-own ``http_auth.sign`` made (``tests/vectors/btauth1``).
+Validators sign their HTTP requests to miners with Epistula v2 (SN1 ``shared/epistula.py``) or
+btauth/1 (bittensor 11 ``bittensor/http_auth.py``); this module signs and verifies both, with
+bittensor 10's ``bittensor_wallet``. :meth:`Authenticator.claim` reads what the headers claim
+without any cryptography, so the front can look the claimed hotkey up first and a stranger's flood
+costs no sr25519 work; :meth:`Authenticator.verify` then checks the signature. A freshness window
+and a bounded replay cache keep a captured request from being accepted twice.
 """
 
 import hashlib
+import re
 import threading
 import time
-import uuid as uuids
-from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from uuid import uuid4
 
 from bittensor_wallet import Keypair
 
 EPISTULA = "epistula/2"
 BTAUTH = "btauth/1"
-# (seconds back, seconds ahead) a signature stays good: SN1 took 8 s back; btauth/1 says 10 and 2.
-WINDOWS = {EPISTULA: (8.0, 2.0), BTAUTH: (10.0, 2.0)}
-CRYPTO = {"sr25519": 1, "ed25519": 0}  # btauth/1's X-Bittensor-Crypto names; absent means sr25519
+SR25519 = 1  # bittensor_wallet's crypto_type for sr25519
+# How far (seconds back, seconds ahead of our clock) a signed timestamp may be, per scheme.
+WINDOWS: dict[str, tuple[float, float]] = {EPISTULA: (8.0, 2.0), BTAUTH: (10.0, 2.0)}
+# After this long a remembered request would be refused as stale anyway, in either scheme.
+REPLAY_RETENTION = max(back + ahead for back, ahead in WINDOWS.values())
+
+_DIGITS = re.compile(r"[0-9]{1,20}")
+_UUID = re.compile(r"[0-9A-Za-z-]{1,64}")  # uuid4 in practice; never a "." (the separator)
+_SS58 = re.compile(r"[1-9A-HJ-NP-Za-km-z]{40,60}")  # base58 alphabet; decoded in verify()
+_SIGNATURE = re.compile(r"(?:0x)?([0-9a-fA-F]{128})")  # 64 bytes, hex, "0x" optional
 
 
 class AuthError(Exception):
-    """A request that is not (validly) signed for this miner: an HTTP status and a safe reason."""
+    """A refused request: ``status`` for the response, ``reason`` short and safe to send back."""
 
     def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
+        super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
 
 
 @dataclass(frozen=True)
 class Claim:
-    """What a request's headers claim, parsed and checked for freshness, not yet verified."""
+    """What a request's headers claim, well-formed, fresh and for us, but not yet verified."""
 
-    scheme: str
-    hotkey: str
-    receiver: str | None
-    nonce: str
-    message: bytes  # the exact bytes the signature covers
-    signature: bytes
-    crypto_type: int = 1
-
-
-def _headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {name.lower(): value for name, value in headers.items()}
-
-
-def _hex(value: str, name: str) -> bytes:
-    try:
-        return bytes.fromhex(value.removeprefix("0x"))
-    except ValueError:
-        raise AuthError(401, f"{name} is not hex") from None
-
-
-def btauth_payload(
-    method: str, target: str, body: bytes, nonce: int, sender: str, receiver: str | None, scheme: str = "sr25519"
-) -> bytes:
-    """The bytes btauth/1 signs: newline-joined protocol, scheme, METHOD, target, body hash, nonce,
-    sender and receiver (``-`` when unbound)."""
-    lines = (BTAUTH, scheme, method.upper(), target, hashlib.sha256(body).hexdigest(), str(nonce), sender, receiver or "-")
-    return "\n".join(lines).encode()
-
-
-def epistula_message(body: bytes, uuid: str, timestamp: str, signed_for: str) -> bytes:
-    """The bytes Epistula v2 signs: ``sha256(body).uuid.timestamp.signed_for``."""
-    return f"{hashlib.sha256(body).hexdigest()}.{uuid}.{timestamp}.{signed_for}".encode()
+    scheme: str  # EPISTULA or BTAUTH
+    hotkey: str  # the claimed sender's ss58
+    receiver: str | None  # the hotkey it was signed for (always ours once claim() returns)
+    nonce: str  # the replay key: Epistula's uuid, btauth's decimal nonce
+    message: bytes = field(repr=False)  # the exact bytes the sender must have signed
+    signature: bytes = field(repr=False)
 
 
 class Authenticator:
-    """Checks requests signed for ``receiver`` (this miner's hotkey); remembers accepted nonces."""
+    """Checks signed requests for one receiving hotkey; thread-safe."""
 
     def __init__(
         self, receiver: str, *, clock: Callable[[], float] = time.time, replay_capacity: int = 100_000
@@ -85,112 +62,106 @@ class Authenticator:
         self.receiver = receiver
         self._clock = clock
         self._capacity = replay_capacity
-        self._seen: OrderedDict[tuple[str, str, str], float] = OrderedDict()  # key -> when it expires
+        # (scheme, hotkey, nonce) -> when to forget it; insertion order is expiry order.
+        self._seen: dict[tuple[str, str, str], float] = {}
         self._lock = threading.Lock()
 
     def claim(self, method: str, target: str, headers: Mapping[str, str], body: bytes) -> Claim:
-        """The request's claim, or :class:`AuthError`: no signature work, cheapest checks first."""
-        lowered = _headers(headers)
-        if "x-bittensor-signature" in lowered or "x-bittensor-version" in lowered:
-            claim, sent_at = self._btauth(method, target, lowered, body)
-        elif "epistula-request-signature" in lowered or "epistula-version" in lowered:
-            claim, sent_at = self._epistula(lowered, body)
+        """Parse and cheaply check the signature headers of a request, or raise :class:`AuthError`.
+
+        ``target`` is the request target as sent (raw path plus ``?query``), ``body`` the raw bytes;
+        Epistula signs neither method nor target. Header names are matched case-insensitively.
+        """
+        lowered = {name.lower(): value for name, value in headers.items()}
+        epistula = any(name.startswith("epistula-") for name in lowered)
+        btauth = any(name.startswith("x-bittensor-") for name in lowered)
+        if epistula == btauth:
+            raise AuthError(401, "two signature schemes" if epistula else "unsigned request")
+        if epistula:
+            claim = self._epistula(lowered, body)
         else:
-            raise AuthError(401, "unsigned request: Epistula v2 or btauth/1 headers are required")
-        if claim.receiver != self.receiver:
-            raise AuthError(400, "signed for another hotkey than this miner's")
-        back, ahead = WINDOWS[claim.scheme]
-        age = self._clock() - sent_at
-        if age > back:
-            raise AuthError(401, f"stale signature: older than {back:g}s")
-        if -age > ahead:
-            raise AuthError(401, f"signature from the future: more than {ahead:g}s ahead")
-        if self._key(claim) in self._seen:
-            raise AuthError(401, "replayed request: this nonce was already accepted")
+            claim = self._btauth(method, target, lowered, body)
+        with self._lock:
+            if self._replayed(claim, self._clock()):
+                raise AuthError(401, "replayed")
         return claim
 
     def verify(self, claim: Claim) -> str:
-        """The hotkey, once its signature is checked and its nonce remembered; else :class:`AuthError`."""
+        """Check the claim's sr25519 signature and remember it against replays; returns the hotkey."""
         try:
-            keypair = Keypair(ss58_address=claim.hotkey, crypto_type=claim.crypto_type)
-            valid = keypair.verify(claim.message, claim.signature)
-        except (ValueError, TypeError):
-            raise AuthError(401, "bad signature: the hotkey or signature cannot be decoded") from None
+            valid = Keypair(ss58_address=claim.hotkey).verify(claim.message, claim.signature)
+        except ValueError:
+            raise AuthError(401, "malformed hotkey") from None
         if not valid:
-            raise AuthError(401, "bad signature: it does not verify against the claimed hotkey")
+            raise AuthError(401, "bad signature")
         now = self._clock()
-        key = self._key(claim)
-        with self._lock:
-            while self._seen and (next(iter(self._seen.values())) <= now or len(self._seen) >= self._capacity):
-                self._seen.popitem(last=False)
-            if key in self._seen:  # the same request twice at once: only the first passes
-                raise AuthError(401, "replayed request: this nonce was already accepted")
-            self._seen[key] = now + sum(WINDOWS[claim.scheme])
+        with self._lock:  # checked again here: of two identical requests racing, one passes
+            if self._replayed(claim, now):
+                raise AuthError(401, "replayed")
+            if len(self._seen) >= self._capacity:
+                raise AuthError(503, "too many requests")  # fail closed rather than forget early
+            self._seen[(claim.scheme, claim.hotkey, claim.nonce)] = now + REPLAY_RETENTION
         return claim.hotkey
 
-    @staticmethod
-    def _key(claim: Claim) -> tuple[str, str, str]:
-        return (claim.scheme, claim.hotkey, claim.nonce)
+    def _replayed(self, claim: Claim, now: float) -> bool:
+        """Whether the claim was accepted within the retention; forgets expired entries (lock held)."""
+        while self._seen:
+            oldest, until = next(iter(self._seen.items()))
+            if until >= now:  # kept through the window's last instant, which is still fresh
+                break
+            del self._seen[oldest]
+        return (claim.scheme, claim.hotkey, claim.nonce) in self._seen
 
-    def _epistula(self, headers: dict[str, str], body: bytes) -> tuple[Claim, float]:
-        if headers.get("epistula-version") != "2":
-            raise AuthError(401, "unsupported Epistula-Version (expected 2)")
-        values = {}
-        for name in ("timestamp", "uuid", "signed-by", "signed-for", "request-signature"):
-            value = headers.get(f"epistula-{name}")
-            if not value:
-                raise AuthError(401, f"missing Epistula-{name.title()}")
-            values[name] = value
-        try:
-            sent_at = int(values["timestamp"]) / 1000
-        except ValueError:
-            raise AuthError(401, "Epistula-Timestamp is not milliseconds") from None
-        claim = Claim(
-            scheme=EPISTULA,
-            hotkey=values["signed-by"],
-            receiver=values["signed-for"],
-            nonce=values["uuid"],
-            message=epistula_message(body, values["uuid"], values["timestamp"], values["signed-for"]),
-            signature=_hex(values["request-signature"], "Epistula-Request-Signature"),
-        )
-        return claim, sent_at
+    def _epistula(self, headers: dict[str, str], body: bytes) -> Claim:
+        if _required(headers, "Epistula-Version") != "2":
+            raise AuthError(401, "unsupported Epistula-Version")
+        timestamp = int(_match(_DIGITS, headers, "Epistula-Timestamp")[0])
+        uuid = _match(_UUID, headers, "Epistula-Uuid")[0]
+        hotkey = _match(_SS58, headers, "Epistula-Signed-By")[0]
+        signature = bytes.fromhex(_match(_SIGNATURE, headers, "Epistula-Request-Signature")[1])
+        self._check_receiver(headers.get("epistula-signed-for"))
+        self._check_fresh(EPISTULA, timestamp, 1000)
+        message = _epistula_message(body, uuid, timestamp, self.receiver)
+        return Claim(EPISTULA, hotkey, self.receiver, uuid, message, signature)
 
-    def _btauth(self, method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[Claim, float]:
-        if headers.get("x-bittensor-version") != "1":
-            raise AuthError(401, "unsupported X-Bittensor-Version (expected 1)")
-        sender, nonce = headers.get("x-bittensor-hotkey"), headers.get("x-bittensor-nonce")
-        signature = headers.get("x-bittensor-signature")
-        if not sender or not nonce or not signature:
-            raise AuthError(401, "missing X-Bittensor-Hotkey, -Nonce or -Signature")
-        if not nonce.isdigit():
-            raise AuthError(401, "X-Bittensor-Nonce is not a decimal integer")
-        scheme = headers.get("x-bittensor-crypto", "sr25519")
-        if scheme not in CRYPTO:
+    def _btauth(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Claim:
+        if _required(headers, "X-Bittensor-Version") != "1":
+            raise AuthError(401, "unsupported X-Bittensor-Version")
+        hotkey = _match(_SS58, headers, "X-Bittensor-Hotkey")[0]
+        nonce = int(_match(_DIGITS, headers, "X-Bittensor-Nonce")[0])
+        # Absent means sr25519; bittensor 11 also accepts its crypto-type number.
+        if headers.get("x-bittensor-crypto", "sr25519").strip().lower() not in ("sr25519", "1"):
             raise AuthError(401, "unsupported X-Bittensor-Crypto")
-        receiver = headers.get("x-bittensor-receiver")
-        claim = Claim(
-            scheme=BTAUTH,
-            hotkey=sender,
-            receiver=receiver,
-            nonce=nonce,
-            message=btauth_payload(method, target, body, int(nonce), sender, receiver, scheme),
-            signature=_hex(signature, "X-Bittensor-Signature"),
-            crypto_type=CRYPTO[scheme],
-        )
-        return claim, int(nonce) / 1e9
+        signature = bytes.fromhex(_match(_SIGNATURE, headers, "X-Bittensor-Signature")[1])
+        self._check_receiver(headers.get("x-bittensor-receiver"))
+        self._check_fresh(BTAUTH, nonce, 10**9)
+        message = _btauth_payload(method, target, body, nonce, hotkey, self.receiver)
+        return Claim(BTAUTH, hotkey, self.receiver, str(nonce), message, signature)
+
+    def _check_receiver(self, receiver: str | None) -> None:
+        if receiver != self.receiver:  # absent (unbound) or "-" included
+            raise AuthError(400, "signed for another hotkey")
+
+    def _check_fresh(self, scheme: str, sent: int, per_second: int) -> None:
+        back, ahead = WINDOWS[scheme]
+        now = self._clock() * per_second
+        if now - sent > back * per_second:
+            raise AuthError(401, "stale")
+        if sent - now > ahead * per_second:
+            raise AuthError(401, "from the future")
 
 
 def epistula_headers(
     keypair: Keypair, body: bytes, signed_for: str, *, now: float | None = None, uuid: str | None = None
 ) -> dict[str, str]:
-    """Epistula v2 headers signing ``body`` for the hotkey ``signed_for``, as SN1's validators sent them."""
-    timestamp = str(round((time.time() if now is None else now) * 1000))
-    nonce = uuid or str(uuids.uuid4())
-    signature = keypair.sign(epistula_message(body, nonce, timestamp, signed_for))
+    """Epistula v2 headers signing ``body`` for the hotkey ``signed_for`` (as SN1's validator does)."""
+    timestamp = round((time.time() if now is None else now) * 1000)
+    uuid = str(uuid4()) if uuid is None else uuid
+    signature = keypair.sign(_epistula_message(body, uuid, timestamp, signed_for))
     return {
         "Epistula-Version": "2",
-        "Epistula-Timestamp": timestamp,
-        "Epistula-Uuid": nonce,
+        "Epistula-Timestamp": str(timestamp),
+        "Epistula-Uuid": uuid,
         "Epistula-Signed-By": keypair.ss58_address,
         "Epistula-Signed-For": signed_for,
         "Epistula-Request-Signature": "0x" + signature.hex(),
@@ -200,9 +171,11 @@ def epistula_headers(
 def btauth_headers(
     keypair: Keypair, method: str, target: str, body: bytes, receiver: str | None, *, nonce: int | None = None
 ) -> dict[str, str]:
-    """btauth/1 headers for an sr25519 hotkey, as bittensor 11's ``http_auth.sign`` makes them."""
+    """btauth/1 headers as bittensor 11's ``http_auth.sign`` makes them (no Crypto header for sr25519)."""
+    if keypair.crypto_type != SR25519:
+        raise ValueError("btauth/1 signing here supports sr25519 keys only")
     nonce = time.time_ns() if nonce is None else nonce
-    signature = keypair.sign(btauth_payload(method, target, body, nonce, keypair.ss58_address, receiver))
+    signature = keypair.sign(_btauth_payload(method, target, body, nonce, keypair.ss58_address, receiver))
     headers = {
         "X-Bittensor-Version": "1",
         "X-Bittensor-Hotkey": keypair.ss58_address,
@@ -212,3 +185,28 @@ def btauth_headers(
     if receiver is not None:
         headers["X-Bittensor-Receiver"] = receiver
     return headers
+
+
+def _epistula_message(body: bytes, uuid: str, timestamp: int, signed_for: str) -> bytes:
+    return f"{hashlib.sha256(body).hexdigest()}.{uuid}.{timestamp}.{signed_for}".encode()
+
+
+def _btauth_payload(
+    method: str, target: str, body: bytes, nonce: int, sender: str, receiver: str | None
+) -> bytes:
+    lines = (BTAUTH, "sr25519", method.upper(), target, hashlib.sha256(body).hexdigest(), str(nonce), sender)
+    return "\n".join((*lines, receiver or "-")).encode()
+
+
+def _required(headers: dict[str, str], name: str) -> str:
+    value = headers.get(name.lower())
+    if not value:
+        raise AuthError(401, f"missing {name}")
+    return value
+
+
+def _match(pattern: re.Pattern[str], headers: dict[str, str], name: str) -> re.Match[str]:
+    found = pattern.fullmatch(_required(headers, name))
+    if found is None:
+        raise AuthError(401, f"malformed {name}")
+    return found

@@ -236,7 +236,7 @@ class HttpFront:
     async def admitted(self, request: Request) -> tuple[str, bytes]:
         """The verified caller and the body, or :class:`Refused`: signature, policy, rate limit."""
         body = await self.body(request)
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        target = _target(request)
         try:
             claim = self.auth.claim(request.method, target, request.headers, body)
             denied = self.core.access.refusal(claim.hotkey)  # before the signature's cost
@@ -327,6 +327,13 @@ class HttpFront:
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "backend": self.core.source.describe(), "answers": dict(self.core.stats)})
+
+
+def _target(request: Request) -> str:
+    """The request target as the client sent (and signed) it: raw path, then ``?query``."""
+    path = (request.scope.get("raw_path") or request.scope["path"].encode()).decode("latin-1")
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    return f"{path}?{query}" if query else path
 
 
 def _timeout(header: str | None, body: float | None) -> float | None:

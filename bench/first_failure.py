@@ -40,14 +40,14 @@ def start_miner(
     workdir: Path, upstream: str, model: str | None, flags: list[str]
 ) -> tuple["subprocess.Popen[str]", int]:
     """The installed ``openai-miner`` command, as a user runs it, with a (fake) key set; and its port."""
-    command = Path(sys.executable).with_name("openai-miner")
-    if not command.exists():
-        raise SystemExit(f"{command} is missing: install the package first (README, step 1)")
+    installed = Path(sys.executable).with_name("openai-miner")
+    # Where the package is on PYTHONPATH but not installed (the GPU check), the same CLI as a module.
+    command = [str(installed)] if installed.exists() else [sys.executable, "-m", "openai_miner.cli"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "BT_"))}
     env.update(HOME=str(workdir), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OPENAI_API_KEY="sk-bench-not-a-key")
     port = free_port()
     argv = [
-        str(command),
+        *command,
         *miner_argv(
             workdir / "wallets", port, "--openai.base_url", upstream, *OPEN_TO_ALL,
             *(["--fallback.model", model] if model else []), *flags,

@@ -44,7 +44,6 @@ from openai_miner.testing.localnet import (
 from openai_miner.testing.validator import Answer, ask
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
-PREVIEW_CHARS = 60
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--concurrency", type=at_least(1), default=1,
-        help="Validators asking at once, each with its own wallet; above 1, one line per answer "
+        help="Validators asking at once, each with its own wallet; above 1, each answer is printed whole when it ends "
         "(default: %(default)s).",
     )
     parser.add_argument(
@@ -160,12 +159,11 @@ def summary_line(answer: Answer) -> str:
     )
 
 
-def compact_line(index: int, answer: Answer, count: int) -> str:
-    preview = " ".join(answer.text.split())
-    if len(preview) > PREVIEW_CHARS:
-        preview = preview[: PREVIEW_CHARS - 1] + "…"
+def numbered_answer(index: int, answer: Answer, count: int) -> str:
+    """One validator's summary line, then its whole answer, indented."""
     width = len(str(count))
-    return f"[{index + 1:>{width}}/{count}] {summary_line(answer)} | {preview!r}"
+    text = "\n".join(f"    {line}" for line in answer.text.strip().splitlines()) or "    (nothing)"
+    return f"[{index + 1:>{width}}/{count}] {summary_line(answer)}\n{text}"
 
 
 async def ask_all(
@@ -175,7 +173,7 @@ async def ask_all(
         async with bt.Dendrite(wallet=wallet) as dendrite:
             if len(validators) > 1:
                 answer = await ask(dendrite, axon, ["user"], [prompt], timeout, label=str(index))
-                print(compact_line(index, answer, len(validators)), file=out, flush=True)
+                print(numbered_answer(index, answer, len(validators)), file=out, flush=True)
                 return answer
 
             def show(chunk: str) -> None:

@@ -1,6 +1,7 @@
 """What several test modules share: an ASGI send that records, and the fault tests' vocabulary."""
 
 import asyncio
+import os
 import re
 import time
 from typing import Callable
@@ -8,6 +9,8 @@ from typing import Callable
 from openai_miner.fronts.axon import body_chunks
 from openai_miner.streaming import Emit
 
+DEVICE = os.environ.get("OPENAI_MINER_TEST_DEVICE", "cpu")
+"""Where the local-model tests run: the CPU here and in CI; ``bench/gpu_check.sh`` sets ``cuda``."""
 TOKENS = [f"u{i} " for i in range(20)]
 """The upstream's answer in the fault tests: words the tiny local model cannot say."""
 UPSTREAM_WORD = re.compile(r"\bu\d+\b")

@@ -73,3 +73,18 @@ def test_http_front_bench_runs_beside_its_pass_through(tmp_path: Path) -> None:
             assert case["added_ttfc_ms"]["n"] == int(k) and case["tokens_per_s"] > 0
         assert results["kinds"][kind]["throughput"]["tokens_per_s"] > 0
     assert results["http_over_passthrough"]["4"]["wall"] > 0
+
+
+def test_outage_bench_answers_every_validator_batched_and_one_at_a_time(tmp_path: Path, tiny_model: str) -> None:
+    """The real ``openai-miner`` process, upstream 500: every validator gets local text in both modes."""
+    run_bench(
+        "bench.outage", "--validators", "1", "3", "--timeout", "30", "--model", tiny_model,
+        "--out", str(tmp_path), cwd=tmp_path, timeout=240,
+    )
+    results = json.loads((tmp_path / "outage.json").read_text())
+    assert (tmp_path / "outage.md").read_text().startswith("Command: `python -m bench.outage")
+    assert set(results["modes"]) == {"batched", "one at a time"}
+    for mode, cases in results["modes"].items():
+        for count, case in cases.items():
+            assert case["answered_with_text"] == case["asked"] == int(count), (mode, case)
+            assert case["first_chunk_s"]["p50"] is not None and case["local_tokens_per_s"] > 0, (mode, case)

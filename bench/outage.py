@@ -1,0 +1,162 @@
+"""``python -m bench.outage``: every validator answered while the upstream is down?
+
+The outage an operator meets: the real ``openai-miner --mock`` process with a key set, an
+upstream answering HTTP 500 to everything, and ``k`` validators (real dendrites) asking at once,
+for each ``k`` of ``--validators``, each with ``--timeout`` seconds. The local model answers them
+all: in one continuous batch (the default, ``--fallback.max_batch 32``) and, in the same run,
+one at a time (``--fallback.max_batch 1``, how it answered before batching). One miner per mode,
+loaded once; the breaker is open after the first failures, as in a real outage.
+
+Figures per mode and ``k``: validators answered with text, time to first chunk p50/p99, and the
+local model's tokens/s (tokens the miner logged as sent, over the case's wall time). Writes
+``<out>/outage.json`` and ``<out>/outage.md``.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import bittensor as bt
+import numpy as np
+
+from bench import procstat
+from bench.first_failure import start_miner, wait_ready
+from bench.validators import Validators
+from openai_miner.testing.localnet import axon_info
+from openai_miner.testing.upstream import Fault, LoopbackUpstream
+
+MODES = {"batched": [], "one at a time": ["--fallback.max_batch", "1"]}
+QUESTION = "Write a haiku about rivers."
+SENT = re.compile(r": (\d+) tokens in \d+ chunks via")  # the core's line for each answer (debug level)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 3) if values else None
+
+
+async def ask_all(validators: Validators, axon: object, count: int, args: argparse.Namespace, offset: int) -> list[Any]:
+    return list(
+        await asyncio.gather(
+            *(validators.ask(offset + i, axon, f"v{offset + i}", args.timeout, message=QUESTION) for i in range(count))
+        )
+    )
+
+
+def run_mode(mode: str, args: argparse.Namespace, upstream: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="openai-miner-outage-") as tmp:
+        workdir = Path(tmp)
+        flags = ["--logging.debug", *MODES[mode], *(["--fallback.device", args.device] if args.device else [])]
+        process, port = start_miner(workdir, upstream, args.model, flags)
+        log = workdir / "miner.log"
+        cases: dict[str, Any] = {}
+        try:
+            wait_ready(process, log, args.start_timeout)
+            wallet = bt.Wallet(name="miner", hotkey="default", path=str(workdir / "wallets"))
+            axon = axon_info(port, wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address)
+
+            async def everything() -> None:
+                validators = Validators()
+                offset = 0
+                try:
+                    for count in sorted(set(args.validators)):
+                        logged = log.stat().st_size
+                        started = time.monotonic()
+                        answers = await ask_all(validators, axon, count, args, offset)
+                        wall = time.monotonic() - started
+                        offset += count
+                        await asyncio.sleep(0.5)  # the last answers' log lines
+                        with log.open() as stream:
+                            stream.seek(logged)
+                            tokens = sum(int(found) for found in SENT.findall(stream.read()))
+                        firsts = [a.first_chunk for a in answers if a.first_chunk is not None]
+                        cases[str(count)] = {
+                            "asked": count,
+                            "answered_with_text": sum(a.ok for a in answers),
+                            "first_chunk_s": {"p50": percentile(firsts, 50), "p99": percentile(firsts, 99)},
+                            "wall_s": round(wall, 2),
+                            "local_tokens_per_s": round(tokens / wall, 1),
+                            "example": next((a.text.strip() for a in answers if a.ok), ""),
+                        }
+                        print(f"  {mode:13} {count:3} validators: {cases[str(count)]['answered_with_text']}/{count} "
+                              f"answered, first chunk p50 {cases[str(count)]['first_chunk_s']['p50']} s",
+                              file=sys.stderr, flush=True)
+                finally:
+                    await validators.close()
+
+            asyncio.run(everything())
+        finally:
+            procstat.stop(process)
+    return cases
+
+
+def markdown(results: dict[str, Any]) -> str:
+    meta, s = results["meta"], results["settings"]
+    lines = [
+        f"Command: `{meta['command']}` — {meta['machine']}; 1-min load average "
+        f"{meta['load_average_1m'][0]:g} before, {meta['load_average_1m'][1]:g} after",
+        "",
+        f"Upstream answering HTTP 500 to everything; {s['timeout']:g} s timeout; model {s['model'] or 'the default'}.",
+        "",
+        "| validators | mode | answered with text | first chunk p50 / p99 (s) | local tokens/s |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for count in map(str, s["validators"]):
+        for mode, cases in results["modes"].items():
+            c = cases[count]
+            lines.append(
+                f"| {count} | {mode} | {c['answered_with_text']}/{c['asked']} "
+                f"| {c['first_chunk_s']['p50']} / {c['first_chunk_s']['p99']} | {c['local_tokens_per_s']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.outage", description=__doc__.splitlines()[0])
+    parser.add_argument("--validators", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--timeout", type=float, default=20.0, help="each validator's timeout (s)")
+    parser.add_argument("--model", default=None, help="--fallback.model (default: the miner's own)")
+    parser.add_argument("--device", default=None, help="--fallback.device (default: the miner's own)")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--start-timeout", type=float, default=300.0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    started, load_before = time.monotonic(), os.getloadavg()
+    with LoopbackUpstream(tokens=["never sent"], fault=Fault(status=500)) as upstream:
+        modes = {mode: run_mode(mode, args, upstream.base_url) for mode in args.modes}
+    results = {
+        "meta": {
+            "command": shlex.join(["python", "-m", "bench.outage", *argv]),
+            "machine": procstat.machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "seconds": round(time.monotonic() - started, 1),
+            "load_average_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        },
+        "settings": {
+            "validators": sorted(set(args.validators)), "timeout": args.timeout, "model": args.model,
+            "device": args.device,
+        },
+        "modes": modes,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "outage.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    (args.out / "outage.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

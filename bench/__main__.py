@@ -7,17 +7,13 @@ the benchmark runs, its figures mean nothing.
 
 import argparse
 import asyncio
-import json
-import os
-import shlex
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from bench import procstat
+from bench.record import Started, save
 from bench.measure import Bench, Settings, log
 from bench.serve import KINDS
 from bench.report import markdown
@@ -88,33 +84,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
     settings = settings_of(args)
-    started = time.monotonic()
-    load_before = os.getloadavg()
+    started = Started("bench", argv)
     with tempfile.TemporaryDirectory(prefix="openai-miner-bench-") as workdir:
         results = run(settings, Path(workdir))
     import bittensor
 
-    results = {
-        "meta": {
-            "command": shlex.join(["python", "-m", "bench", *argv]),
-            "machine": procstat.machine(),
-            "bittensor": bittensor.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "seconds": round(time.monotonic() - started, 1),
-            # other work on the machine skews every wall-clock figure: 1-minute load before and after
-            "load_average_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        },
-        **results,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (args.out / "latest.md").write_text(table)
+    results = {"meta": {**started.meta(), "bittensor": bittensor.__version__}, **results}
+    save(args.out, "latest", results, markdown(results))
     if not args.no_plot:
         from bench.plot import plot
 
         plot(results, args.out / "latest.png")
-    print(table)
     log(f"wrote {args.out / 'latest.json'} in {results['meta']['seconds']}s")
     return 0
 

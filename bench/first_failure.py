@@ -13,9 +13,7 @@ from the miner's start to its summary line (when it serves).
 
 import argparse
 import asyncio
-import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -26,6 +24,7 @@ from typing import Any, Sequence
 import bittensor as bt
 
 from bench import procstat
+from bench.record import Started, save
 from bench.stats import median
 from bench.validators import Validators
 from openai_miner.testing.localnet import OPEN_TO_ALL, axon_info, free_port, miner_argv
@@ -166,25 +165,15 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
-    started, load_before = time.monotonic(), os.getloadavg()
+    started = Started("bench.first_failure", argv)
     with LoopbackUpstream(tokens=["never sent"], fault=Fault(status=500)) as upstream:
         modes = {mode: summarise([run_once(mode, args, upstream.base_url) for _ in range(args.runs)]) for mode in args.modes}
     results = {
-        "meta": {
-            "command": shlex.join(["python", "-m", "bench.first_failure", *argv]),
-            "machine": procstat.machine(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "seconds": round(time.monotonic() - started, 1),
-            "load_average_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        },
+        "meta": started.meta(),
         "settings": {"runs": args.runs, "validators": args.validators, "timeout": args.timeout, "model": args.model},
         "modes": modes,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "first_failure.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (args.out / "first_failure.md").write_text(table)
-    print(table)
+    save(args.out, "first_failure", results, markdown(results))
     return 0
 
 

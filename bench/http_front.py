@@ -17,8 +17,6 @@ import argparse
 import asyncio
 import hashlib
 import json
-import os
-import shlex
 import sys
 import tempfile
 import time
@@ -28,7 +26,7 @@ from typing import Any, Sequence
 import httpx
 from bittensor_wallet import Keypair
 
-from bench import procstat
+from bench.record import Started, save
 from bench.serve import HTTP_KINDS, MinerProcess
 from bench.stats import RunSamples, analyse, median, ms_percentiles, pooled, ratio
 from bench.upstream import UpstreamProcess, words
@@ -221,7 +219,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
-    started, load_before = time.monotonic(), os.getloadavg()
+    started = Started("bench.http_front", argv)
     with tempfile.TemporaryDirectory(prefix="openai-miner-bench-http-") as tmp:
         workdir = Path(tmp)
         upstream = UpstreamProcess(args.tokens, args.interval, workdir / "upstream.log")
@@ -236,24 +234,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 server.stop()
             upstream.stop()
     results = {
-        "meta": {
-            "command": shlex.join(["python", "-m", "bench.http_front", *argv]),
-            "machine": procstat.machine(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "seconds": round(time.monotonic() - started, 1),
-            "load_average_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        },
+        "meta": started.meta(),
         "settings": {
             "streams": sorted(set(args.streams)), "tokens": args.tokens, "interval": args.interval,
             "batch_size": args.batch_size, "repeats": args.repeats, "throughput_tokens": args.throughput_tokens,
         },
         **figures,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "http.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (args.out / "http.md").write_text(table)
-    print(table)
+    save(args.out, "http", results, markdown(results))
     return 0
 
 

@@ -14,10 +14,7 @@ local model's tokens/s (tokens the miner logged as sent, over the case's wall ti
 
 import argparse
 import asyncio
-import json
-import os
 import re
-import shlex
 import sys
 import tempfile
 import time
@@ -28,6 +25,7 @@ import bittensor as bt
 import numpy as np
 
 from bench import procstat
+from bench.record import Started, save
 from bench.first_failure import start_miner, wait_ready
 from bench.validators import Validators
 from openai_miner.testing.localnet import axon_info
@@ -133,28 +131,18 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
-    started, load_before = time.monotonic(), os.getloadavg()
+    started = Started("bench.outage", argv)
     with LoopbackUpstream(tokens=["never sent"], fault=Fault(status=500)) as upstream:
         modes = {mode: run_mode(mode, args, upstream.base_url) for mode in args.modes}
     results = {
-        "meta": {
-            "command": shlex.join(["python", "-m", "bench.outage", *argv]),
-            "machine": procstat.machine(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "seconds": round(time.monotonic() - started, 1),
-            "load_average_1m": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        },
+        "meta": started.meta(),
         "settings": {
             "validators": sorted(set(args.validators)), "timeout": args.timeout, "model": args.model,
             "device": args.device,
         },
         "modes": modes,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "outage.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (args.out / "outage.md").write_text(table)
-    print(table)
+    save(args.out, "outage", results, markdown(results))
     return 0
 
 

@@ -29,6 +29,16 @@ def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def stop_local_batches() -> Iterator[None]:
+    """Stop the batch thread of every local source a test started (``tests.helpers.local_source``)."""
+    from tests.helpers import STARTED
+
+    yield
+    while STARTED:
+        STARTED.pop().close()
+
+
 @pytest.fixture
 def chain() -> bt.MockSubtensor:
     bt.MockSubtensor.reset()

@@ -4,10 +4,13 @@ import asyncio
 import os
 import re
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from openai_miner.fronts.axon import body_chunks
 from openai_miner.streaming import Emit
+
+if TYPE_CHECKING:
+    from openai_miner.sources.local import LocalSource
 
 DEVICE = os.environ.get("OPENAI_MINER_TEST_DEVICE", "cpu")
 """Where the local-model tests run: the CPU here and in CI; ``bench/gpu_check.sh`` sets ``cuda``."""
@@ -39,6 +42,20 @@ class Recorder:
     @property
     def text(self) -> str:
         return b"".join(m["body"] for m in self.messages).decode()
+
+
+STARTED: list = []  # local sources whose batch threads conftest stops after each test
+
+
+def local_source(model: str, **kwargs: Any) -> "LocalSource":
+    """A loaded local source on :data:`DEVICE`, greedy unless told otherwise."""
+    from openai_miner.sources.local import LocalSource
+
+    kwargs.setdefault("temperature", 0)
+    local = LocalSource(model, device=DEVICE, **kwargs)
+    local.load()
+    STARTED.append(local)
+    return local
 
 
 def far() -> float:

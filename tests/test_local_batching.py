@@ -5,7 +5,7 @@ import asyncio
 import re
 import time
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -13,29 +13,12 @@ from langchain_core.messages import HumanMessage
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from tests.helpers import DEVICE
+from tests.helpers import STARTED
+from tests.helpers import local_source as source
 from openai_miner.sources.base import Sampling, Token
 from openai_miner.sources.local import LocalSource, _batch_processors, default_model, pick_dtype
 
 QUESTION = [HumanMessage("what is the capital of france ?")]
-STARTED: list[LocalSource] = []
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    yield
-    while STARTED:
-        STARTED.pop().close()
-
-
-def source(model: str, **kwargs: Any) -> LocalSource:
-    kwargs.setdefault("temperature", 0)
-    local = LocalSource(model, device=DEVICE, **kwargs)
-    local.load()
-    STARTED.append(local)
-    return local
-
-
 class Stream:
     """One request's produce task and the (arrival order, item) of what it streamed."""
 
@@ -124,7 +107,7 @@ async def test_requests_with_their_own_deadlines_and_lengths_share_the_batch(tin
     now = time.monotonic()
     short = Stream(local, now + 60, Sampling(max_tokens=5))
     hasty = Stream(local, now + 1.0)  # ends at its deadline
-    long = Stream(local, now + 60, Sampling(temperature=0.9, top_p=0.9, top_k=5))
+    long = Stream(local, now + 60, Sampling(temperature=0.9))
     await asyncio.wait_for(short.finish(), 20)
     assert len("".join(item for _, item in short.items).split()) == 5
     await asyncio.wait_for(hasty.finish(), 20)
@@ -261,3 +244,17 @@ async def test_real_smollm2_does_not_loop() -> None:
     assert [repeated_4grams(text) for text in guarded] == [{}, {}]
     unguarded = await answers(LocalSource(path, device=DEVICE, temperature=0, repetition_penalty=1.0))
     assert repeated_4grams(unguarded[1]), "the loop this guard is tested against no longer happens"
+
+
+def test_what_cannot_join_the_batch_takes_the_plain_path(tiny_model: str) -> None:
+    local = source(tiny_model)
+    loaded = local.load()
+
+    def reason(sampling: Sampling) -> str | None:
+        return local.plain_reason(loaded, local._plan(loaded, sampling))
+
+    assert reason(Sampling()) is None and reason(Sampling(temperature=0.7, max_tokens=3, stop=("x",))) is None
+    assert "seed" in reason(Sampling(seed=1))
+    assert "logprobs" in reason(Sampling(top_logprobs=2))
+    assert "top-k/top-p" in reason(Sampling(top_k=5)) and "top-k/top-p" in reason(Sampling(top_p=0.5))
+    assert reason(Sampling(top_p=1.0)) is None

@@ -4,13 +4,14 @@ import asyncio
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
 from tests.helpers import DEVICE
+from tests.helpers import local_source as source
 from openai_miner.sources.base import Sampling, UpstreamError
 from tests.tiny_model import build_tiny_model
 from openai_miner.sources.local import (
@@ -22,24 +23,6 @@ from openai_miner.sources.local import (
 )
 
 QUESTION = [HumanMessage("what is the capital of france ?")]
-
-
-STARTED: list[LocalSource] = []
-
-
-@pytest.fixture(autouse=True)
-def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    yield
-    while STARTED:  # stop each source's batch thread
-        STARTED.pop().close()
-
-
-def source(model: str, **kwargs: Any) -> LocalSource:
-    local = LocalSource(model, device=DEVICE, temperature=0, **kwargs)
-    local.load()
-    STARTED.append(local)
-    return local
 
 
 async def collect(

@@ -44,7 +44,6 @@ import importlib.util
 import itertools
 import math
 import os
-import queue as queue_module
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,7 +57,6 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
@@ -692,6 +690,8 @@ class LocalSource:
             return "a seed needs a random generator of its own"
         if plan.top_logprobs is not None:
             return "the batch gives no alternative tokens' logprobs"
+        if plan.top_k or (plan.top_p is not None and plan.top_p < 1.0):
+            return "top-k/top-p would sort the whole vocabulary for every request in the batch"
         return self._batch_unavailable or _cannot_batch(loaded.model)
 
     async def produce(
@@ -796,8 +796,10 @@ class LocalSource:
         model, tokenizer = loaded.model, loaded.tokenizer
         config = copy.deepcopy(model.generation_config)
         config.do_sample = True
-        # Values only make the per-request processors exist: every request passes its own.
-        config.temperature, config.top_k, config.top_p = 0.5, 50, 0.9
+        # The value only makes the per-request temperature exist: every request passes its own. No
+        # top-k/top-p: their two full-vocabulary sorts per row and step would slow every request
+        # (about a third of a CPU step); a request asking for them takes the plain path.
+        config.temperature, config.top_k, config.top_p = 0.5, 0, 1.0
         config.repetition_penalty = None  # dropped by the batch: ours replaces it
         config.max_new_tokens = self.max_new_tokens
         config.num_return_sequences = 1
@@ -854,8 +856,6 @@ class LocalSource:
         kwargs: dict[str, Any] = {
             "greedy": int(plan.temperature == 0),
             "temperature": float(plan.temperature or 1.0),
-            "top_p": float(plan.top_p if plan.top_p is not None else 1.0),
-            "top_k": int(plan.top_k or len(loaded.tokenizer)),
         }
         supported = batch.manager.logit_processor.supported_keys
         kwargs = {key: value for key, value in kwargs.items() if key in supported}

@@ -31,7 +31,7 @@ from openai_miner.startup import (
     StartupError,
     chain_errors,
     ensure_port_free,
-    keys_missing,
+    mock_wallet,
     require_wallet,
     wait_port,
 )
@@ -53,10 +53,8 @@ class Miner(abc.ABC):
             bt.logging.set_config(self.config.logging)
         netuid = self.config.netuid
         self.wallet = wallet or bt.Wallet(config=self.config)
-        if self.config.mock and keys_missing(self.wallet):
-            self.wallet.create_if_non_existent(
-                coldkey_use_password=False, hotkey_use_password=False, suppress=True
-            )
+        if self.config.mock:
+            self.wallet = mock_wallet(self.wallet)
         require_wallet(self.wallet)
         if subtensor is None:
             with chain_errors(self.config):

@@ -11,6 +11,10 @@ import time
 from typing import Iterator
 
 import bittensor as bt
+from bittensor_wallet import Keypair
+
+DEFAULT_WALLETS = "~/.bittensor/wallets"  # bittensor's default --wallet.path
+MOCK_WALLETS = "~/.bittensor/mock-wallets"  # where --mock makes the keys it needs, away from real ones
 
 
 class StartupError(RuntimeError):
@@ -49,6 +53,29 @@ def keys_missing(wallet: bt.Wallet) -> list[str]:
         for keyfile in (wallet.coldkeypub_file, wallet.hotkey_file)
         if not keyfile.exists_on_device()
     ]
+
+
+def mock_wallet(wallet: bt.Wallet) -> bt.Wallet:
+    """The wallet a ``--mock`` run signs with, made if its keys are missing, announced, and harmless.
+
+    A made wallet holds a hotkey and a coldkey's public half only: no coldkey (no secret phrase,
+    no funds) is ever written. In bittensor's default wallet directory nothing is made at all:
+    the throwaway keys go to :data:`MOCK_WALLETS`, so a later run without ``--mock`` cannot pick
+    them up for a real chain.
+    """
+    if not keys_missing(wallet):
+        return wallet
+    if os.path.normpath(os.path.expanduser(wallet.path)) == os.path.normpath(os.path.expanduser(DEFAULT_WALLETS)):
+        wallet = bt.Wallet(name=wallet.name, hotkey=wallet.hotkey_str, path=MOCK_WALLETS)
+    if not wallet.coldkeypub_file.exists_on_device():
+        wallet.set_coldkeypub(Keypair.create_from_mnemonic(Keypair.generate_mnemonic()), encrypt=False, overwrite=False)
+    if not wallet.hotkey_file.exists_on_device():
+        wallet.create_new_hotkey(use_password=False, overwrite=False, suppress=True)
+    bt.logging.warning(
+        f"--mock: made a throwaway hotkey for wallet {wallet.name}/{wallet.hotkey_str} under "
+        f"{os.path.expanduser(wallet.path)} (no coldkey written; it is for the mock chain only)"
+    )
+    return wallet
 
 
 def require_wallet(wallet: bt.Wallet) -> None:

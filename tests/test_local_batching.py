@@ -83,23 +83,33 @@ def test_describe_names_model_device_and_dtype(tiny_model: str) -> None:
     assert local.load().model.dtype is torch.bfloat16 and local.describe().endswith(", bfloat16)")
 
 
-def test_batch_repetition_penalty_equals_transformers() -> None:
+class Request:
+    def __init__(self, ids: list[int]) -> None:  # the first token stands for the prompt
+        self.state = type("State", (), {"initial_tokens": ids[:1], "generated_tokens": ids[1:]})
+
+
+def test_batch_repetition_penalty_equals_transformers_over_the_answer() -> None:
     torch.manual_seed(0)
     scores = torch.randn(3, 50)
-    histories = [[1, 2, 3, 3], [49, 0], [7]]
+    histories = [[1, 2, 3, 3], [49, 0, 5], [7, 8]]
     penalty, _ = _batch_processors(1.3)
-
-    class Request:
-        def __init__(self, ids: list[int]) -> None:
-            self.state = type("State", (), {"initial_tokens": ids[:1], "generated_tokens": ids[1:]})
-
     penalty.prepare_tensor_args([Request(ids) for ids in histories])
     batched = penalty(scores.clone(), torch.zeros(3, dtype=torch.int32))
     reference = RepetitionPenaltyLogitsProcessor(1.3)
     for row, ids in enumerate(histories):
-        expected = reference(torch.tensor([ids]), scores[row : row + 1].clone())
+        expected = reference(torch.tensor([ids[1:]]), scores[row : row + 1].clone())
         assert torch.equal(batched[row], expected[0])
     assert not torch.equal(batched, scores)
+
+
+def test_the_guard_spares_the_prompt_and_the_end_of_turn() -> None:
+    """Penalizing the prompt's end-of-turn markers kept SmolLM2 from ever stopping."""
+    scores = torch.randn(1, 50)
+    penalty, _ = _batch_processors(1.3, exempt=frozenset({2}))
+    penalty.prepare_tensor_args([Request([9, 2, 4])])  # prompt 9; answer: end-of-turn 2, then 4
+    guarded = penalty(scores.clone(), torch.zeros(1, dtype=torch.int32))
+    changed = {int(i) for i in torch.nonzero(guarded[0] != scores[0])}
+    assert changed == {4}
 
 
 async def test_requests_with_their_own_deadlines_and_lengths_share_the_batch(tiny_model: str) -> None:

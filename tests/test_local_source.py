@@ -14,7 +14,11 @@ from tests.helpers import DEVICE
 from tests.helpers import local_source as source
 from openai_miner.sources.base import Sampling, UpstreamError
 from tests.tiny_model import build_tiny_model
+from transformers import LogitsProcessorList
+
 from openai_miner.sources.local import (
+    _AnswerPenalty,
+    _exempt,
     FALLBACK_CHAT_TEMPLATE,
     LocalSource,
     default_model,
@@ -115,7 +119,10 @@ async def test_streams_the_whole_answer_token_by_token(tiny_model: str) -> None:
         return_dict=True,
         return_tensors="pt",
     )
-    ids = loaded.model.generate(**inputs, do_sample=False, max_new_tokens=200)
+    guard = _AnswerPenalty(inputs["input_ids"].shape[1], local._penalty(loaded), _exempt(loaded))  # the answer's tokens only
+    ids = loaded.model.generate(
+        **inputs, do_sample=False, max_new_tokens=200, repetition_penalty=1.0, logits_processor=LogitsProcessorList([guard])
+    )
     expected = loaded.tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "".join(tokens) == expected
 

@@ -28,10 +28,10 @@ one dispatcher thread that decodes them and hands the text to each request's asy
   the next request tries a fresh one).
 
 **Repetition guard.** Small models loop. Both paths apply a repetition penalty (the model's own
-``generation_config.repetition_penalty`` if it sets one, else ``repetition_penalty``) over the
-prompt and the answer so far. Transformers' own processor does not run in a batch (it sees only the
-last token there and is dropped), so the batch uses :class:`_BatchRepetitionPenalty`, which reads
-each request's history; its result is the same as ``generate()``'s.
+``generation_config.repetition_penalty`` if it sets one, else ``repetition_penalty``) to the tokens
+of the answer so far, never to the prompt's and never to the end-of-turn tokens: penalizing the
+prompt's end-of-turn markers kept the model from ever stopping. Transformers' own processor does
+not run in a batch and covers the prompt, so both paths use :func:`_penalize`.
 
 A prompt over the model's context keeps its most recent tokens: past its trained positions a model
 answers nonsense, or fails outright.
@@ -363,7 +363,40 @@ def _cb_classes() -> tuple[type, type]:
     return ContinuousBatchingLogitsProcessor, ContinuousBatchingConfig
 
 
-def _batch_processors(penalty: float | None) -> list[Any]:
+def _penalize(
+    scores: torch.Tensor, histories: Sequence[Sequence[int]], penalty: float | None, exempt: frozenset[int]
+) -> torch.Tensor:
+    """transformers' repetition penalty, each row over its own ``histories`` but ``exempt`` tokens."""
+    if not penalty or penalty == 1.0 or not histories:
+        return scores
+    rows, vocab = scores.shape[0], scores.shape[-1]
+    mask = torch.zeros((rows, vocab + 1), dtype=torch.bool, device=scores.device)
+    for row, history in enumerate(histories[:rows]):
+        ids = [token for token in history if token not in exempt]
+        if ids:
+            mask[row, torch.tensor(ids, dtype=torch.long, device=scores.device).clamp(max=vocab)] = True
+    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(mask[:, :vocab], penalized, scores)
+
+
+class _AnswerPenalty(LogitsProcessor):
+    """The repetition guard of the plain path: the answer's tokens only (after ``prompt`` tokens)."""
+
+    def __init__(self, prompt: int, penalty: float | None, exempt: frozenset[int]) -> None:
+        self.prompt, self.penalty, self.exempt = prompt, penalty, exempt
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return _penalize(scores, input_ids[:, self.prompt :].tolist(), self.penalty, self.exempt)
+
+
+def _exempt(loaded: "LoadedModel") -> frozenset[int]:
+    """Tokens the repetition guard never penalizes: the special ones (end of turn, end of text)."""
+    eos = loaded.model.generation_config.eos_token_id
+    ids = set(loaded.tokenizer.all_special_ids) | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return frozenset(ids)
+
+
+def _batch_processors(penalty: float | None, exempt: frozenset[int] = frozenset()) -> list[Any]:
     """Two per-request logits processors for the batch: the repetition guard and greedy choice."""
     base, _ = _cb_classes()
 
@@ -385,21 +418,11 @@ def _batch_processors(penalty: float | None) -> list[Any]:
             int32_tensor.fill_(0)
 
         def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
-            self.histories = [
-                r.state.initial_tokens + r.state.generated_tokens for r in requests_with_new_token
-            ]
+            self.histories = [list(r.state.generated_tokens) for r in requests_with_new_token]
             return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
 
         def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-            if not self.penalty or self.penalty == 1.0 or not self.histories:
-                return scores
-            rows, vocab = scores.shape[0], scores.shape[-1]
-            mask = torch.zeros((rows, vocab + 1), dtype=torch.bool, device=scores.device)
-            for row, history in enumerate(self.histories[:rows]):
-                ids = torch.tensor(history, dtype=torch.long, device=scores.device).clamp(max=vocab)
-                mask[row, ids] = True
-            penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
-            return torch.where(mask[:, :vocab], penalized, scores)
+            return _penalize(scores, self.histories, self.penalty, exempt)
 
     class Greedy(base):  # type: ignore[misc, valid-type]
         """Leaves only the most likely token possible in rows that asked for temperature 0."""
@@ -821,7 +844,7 @@ class LocalSource:
         )
         manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cb_config)
         processors = manager.logit_processor
-        repetition, greedy = _batch_processors(self._penalty(loaded))
+        repetition, greedy = _batch_processors(self._penalty(loaded), _exempt(loaded))
         processors.logits_processor.insert(0, repetition)  # before temperature, as in generate()
         processors.logits_processor.append(greedy)  # after top-k/top-p: the best token survives them
         processors.tensors_required += 2
@@ -948,12 +971,13 @@ class LocalSource:
                 temperature=None,
                 top_p=None,
                 top_k=None,
-                repetition_penalty=self._penalty(loaded),
                 max_new_tokens=plan.max_new_tokens,
                 pad_token_id=(
                     tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
                 ),
-                logits_processor=LogitsProcessorList([pick]),
+                logits_processor=LogitsProcessorList(
+                    [_AnswerPenalty(len(input_ids), self._penalty(loaded), _exempt(loaded)), pick]
+                ),
                 stopping_criteria=StoppingCriteriaList([_StopWhen(stop, deadline, stops)]),
             )
         finally:

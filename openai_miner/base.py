@@ -21,7 +21,22 @@ from starlette.types import ASGIApp
 from openai_miner import access, core, system_prompts
 from openai_miner.access import Access
 from openai_miner.chain import Registry, fetch_registry, mock_subtensor, register_mock_neuron
-from openai_miner.config import ConfigError, add_bool, at_least, build_config
+from openai_miner import __version__
+from openai_miner.config import (
+    ACCESS,
+    ANSWERS,
+    CHAIN,
+    HTTP,
+    ConfigError,
+    Help,
+    HelpAll,
+    Parser,
+    add_bool,
+    at_least,
+    build_config,
+    group,
+    tidy_help,
+)
 from openai_miner.fronts import http
 from openai_miner.fronts.axon import Axon, AxonGate, StreamingResponse
 from openai_miner.protocol import StreamPromptingSynapse
@@ -78,6 +93,7 @@ class Miner(abc.ABC):
         self._thread: threading.Thread | None = None
         self.servers: Servers | None = None
         self.is_running = False
+        self.check_ports()  # before anything slow (a subclass's model load): a busy port fails in seconds
 
     @property
     def registry(self) -> Registry:
@@ -95,13 +111,21 @@ class Miner(abc.ABC):
         epilog: str | None = None,
     ) -> bt.Config:
         """Flags of this class (``add_args``) parsed over the environment and ``.env``."""
-        parser = argparse.ArgumentParser(
+        parser = Parser(
             prog="openai-miner",
+            usage="openai-miner [demo [PROMPT]] [OPTIONS]",
             description=cls.__doc__,
             epilog=epilog,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=Help,
+            add_help=False,
+        )
+        parser.add_argument("-h", "--help", action="help", help="Show the miner's options and exit.")
+        parser.add_argument("--help-all", action=HelpAll, help="Show bittensor's internal options too, and exit.")
+        parser.add_argument(
+            "--version", action="version", version=f"openai-miner {__version__}", help="Show the version and exit."
         )
         cls.add_args(parser)
+        tidy_help(parser)
         return build_config(parser, argv, env)
 
     @classmethod
@@ -110,17 +134,20 @@ class Miner(abc.ABC):
         bt.Subtensor.add_args(parser)
         bt.Axon.add_args(parser)
         bt.logging.add_args(parser)
-        parser.add_argument("--netuid", type=at_least(0), default=1, help="Subnet to mine on (1 is prompting).")
-        add_bool(parser, "--mock", default=False, help="Run on an in-process mock chain: no network, no registration.")
-        parser.add_argument(
+        chain = group(parser, CHAIN)
+        chain.add_argument("--netuid", type=at_least(0), default=1, help="Subnet to mine on (1 is prompting).")
+        add_bool(chain, "--mock", default=False, help="Run on an in-process mock chain: no network, no registration.")
+        chain.add_argument(
             "--neuron.sync_interval", type=at_least(0, float, inclusive=False), default=120.0,
             help="Seconds between refreshes of the registered hotkeys and stakes.",
         )
-        add_bool(parser, "--axon.off", default=False, help="Serve no axon: the HTTP front (--http.port) alone.")
-        http.add_args(parser)
-        core.add_args(parser)
-        system_prompts.add_args(parser)
-        access.add_args(parser)
+        front = group(parser, HTTP)
+        add_bool(front, "--axon.off", default=False, help="Serve no axon: the HTTP front (--http.port) alone.")
+        http.add_args(front)
+        answers = group(parser, ANSWERS)
+        core.add_args(answers)
+        system_prompts.add_args(answers)
+        access.add_args(group(parser, ACCESS))
 
     # -- what subclasses implement --------------------------------------------------------------
 
@@ -172,24 +199,31 @@ class Miner(abc.ABC):
         """The ports this miner serves on: the axon's (unless ``--axon.off``), the HTTP front's."""
         return [port for port in (None if self.config.axon.off else self.axon.port, self.config.http.port) if port]
 
-    def start_axon(self) -> None:
-        """Check, attach, advertise and start every front; returns once each is listening."""
+    def check_ports(self) -> None:
+        """Something to serve, on distinct ports that are free now."""
         settings = self.config
         if settings.axon.off and settings.http.port is None:
             raise ConfigError("--axon.off leaves nothing to serve: set --http.port (or HTTP_PORT)")
-        self.check_registered()
-        servers: list[uvicorn.Server] = []
+        if not settings.axon.off and settings.http.port == self.axon.port:
+            raise ConfigError(f"--http.port {settings.http.port} is the axon's port: pick another")
         if not settings.axon.off:
             ensure_port_free(self.axon.port)
+        if settings.http.port is not None:
+            ensure_port_free(settings.http.port, "HTTP front", "--http.port")
+
+    def start_axon(self) -> None:
+        """Check, attach, advertise and start every front; returns once each is listening."""
+        settings = self.config
+        self.check_registered()
+        self.check_ports()
+        servers: list[uvicorn.Server] = []
+        if not settings.axon.off:
             self.axon.attach(forward_fn=self._prompt, blacklist_fn=self.blacklist, priority_fn=self.priority)
             # Outlive the dendrite's idle keep-alive (aiohttp: 15 s); at uvicorn's 5 s a validator reusing
             # a connection as it closes gets ServerDisconnectedError (measured: 266 of 2,560 streams).
             self.axon.fast_config.timeout_keep_alive = 20
             servers.append(self.axon.fast_server)
         if settings.http.port is not None:
-            if settings.http.port == self.axon.port and not settings.axon.off:
-                raise ConfigError(f"--http.port {settings.http.port} is the axon's port: pick another")
-            ensure_port_free(settings.http.port, "HTTP front", "--http.port")
             app = self.http_app()
             if app is None:
                 raise StartupError(f"{type(self).__name__} has no HTTP front: drop --http.port")

@@ -79,12 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if miner is not None and not miner.is_running:
             miner.stop_run_thread()
-    bt.logging.info(summary(miner))
-    print(summary(miner), flush=True)
-    # Start-up objects (bittensor, torch, the model) never die: keep them out of full collections,
-    # which otherwise stall every stream for 100-150 ms every ~130 requests (measured in bench/).
-    gc.freeze()
-    try:
+    try:  # from here a stop signal, however early, is a clean stop
+        bt.logging.info(summary(miner))
+        print(summary(miner), flush=True)
+        # Start-up objects (bittensor, torch, the model) never die: keep them out of full collections,
+        # which otherwise stall every stream for 100-150 ms every ~130 requests (measured in bench/).
+        gc.freeze()
         miner.keep_synced()
     except KeyboardInterrupt:
         return 0

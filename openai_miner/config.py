@@ -7,8 +7,10 @@ environment. The result is a ``bt.Config`` tree, which bittensor's classes take 
 """
 
 import argparse
+import functools
 import os
 import stat
+import typing
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import bittensor as bt
@@ -82,7 +84,7 @@ def add_bool(parser: argparse.ArgumentParser, *flags: str, default: bool, help: 
     if default:
         parser.add_argument(
             *(f"--no-{flag.removeprefix('--')}" for flag in flags), dest=action.dest,
-            action="store_false", default=argparse.SUPPRESS, help=f"Same as {flags[0]} false.",
+            action="store_false", default=argparse.SUPPRESS, help=argparse.SUPPRESS,  # in README
         )
 
 
@@ -101,11 +103,15 @@ def read_env_file(path: str | os.PathLike[str] | None) -> dict[str, str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {os.fspath(path)}: {exc}") from exc
     if values.get("OPENAI_API_KEY") and mode & 0o077:
-        bt.logging.warning(
-            f"{os.fspath(path)} holds OPENAI_API_KEY and other users can read it "
-            f"(mode {stat.filemode(mode)}): chmod 600 {os.fspath(path)}"
-        )
+        warn_readable(os.path.abspath(path), mode)
     return {key: value for key, value in values.items() if value is not None}
+
+
+@functools.cache  # once per file and mode: the file is read more than once at start
+def warn_readable(path: str, mode: int) -> None:
+    bt.logging.warning(
+        f"{path} holds OPENAI_API_KEY and other users can read it (mode {stat.filemode(mode)}): chmod 600 {path}"
+    )
 
 
 def layered_env(
@@ -179,3 +185,92 @@ def build_config(
     if problem:
         raise ConfigError(f"--axon.port (or AXON_PORT) is {port}: it {problem}")
     return bt.Config(parser=None, default=to_tree(vars(namespace)))
+
+
+# -- the command line's help -----------------------------------------------------------------------
+
+UPSTREAM, LOCAL, ANSWERS, HTTP, ACCESS, CHAIN = (
+    "upstream (OpenAI-compatible)", "local model (fallback)", "answers", "HTTP front", "who may ask",
+    "chain, wallet, axon",
+)
+GROUPS = ("positional arguments", "options", UPSTREAM, LOCAL, ANSWERS, HTTP, ACCESS, CHAIN)
+"""The help's sections, in order: the miner's own first, the chain's last."""
+
+
+def group(parser: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
+    """The parser's group of that title, made on first use."""
+    for existing in parser._action_groups:
+        if existing.title == title:
+            return existing
+    return parser.add_argument_group(title)
+
+
+SHOWN_BITTENSOR = frozenset(
+    {"wallet.name", "wallet.hotkey", "wallet.path", "subtensor.network", "subtensor.chain_endpoint",
+     "axon.port", "axon.external_ip", "axon.external_port", "logging.debug", "logging.trace"}
+)
+"""bittensor's own flags that ``--help`` shows (with the chain's); ``--help-all`` shows the rest."""
+
+
+class Help(argparse.HelpFormatter):
+    """One line per option: its main flag, its first sentence and its default (README has the rest)."""
+
+    WIDTH, COLUMN = 130, 42
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=self.COLUMN, width=self.WIDTH)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return ", ".join(action.option_strings) or super()._format_action_invocation(action)
+        return f"{action.option_strings[0]} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = (action.help or "").split(". ")[0].rstrip(".")
+        shown = action.default not in (None, False, argparse.SUPPRESS, [], "") and action.nargs != 0
+        default = f" (default: {action.default})" if shown else ""
+        room = self.WIDTH - self.COLUMN - len(default) - 1
+        if len(text) > room:
+            text = text[: room - 1].rsplit(" ", 1)[0].rstrip(" ,;:(") + "…"
+        return (text + default).replace("%", "%%")
+
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        kind = getattr(action.type, "__name__", "")
+        return "N" if kind in ("int", "float") else action.dest.rsplit(".", 1)[-1].upper()
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage, so a mistyped flag prints two lines, not fifty."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"usage: {self.usage} (--help lists the options)\n{self.prog}: error: {message}\n")
+
+
+class HelpAll(argparse.Action):
+    """``--help-all``: the help with bittensor's internal flags too."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        for action in parser._actions:
+            if getattr(action, "hidden_help", None):
+                action.help = action.hidden_help
+        parser.print_help()
+        parser.exit()
+
+
+def tidy_help(parser: argparse.ArgumentParser) -> None:
+    """Move the bittensor flags worth showing into the chain's group, hide the others
+    (``--help-all`` shows them), and put the groups in :data:`GROUPS`' order."""
+    chain = group(parser, CHAIN)
+    for action in list(parser._optionals._group_actions):
+        if "." not in action.dest or action.dest.startswith("help"):
+            continue
+        if action.dest in SHOWN_BITTENSOR:
+            parser._optionals._group_actions.remove(action)
+            chain._group_actions.append(action)
+        elif action.help is not argparse.SUPPRESS:
+            action.hidden_help, action.help = action.help or "", argparse.SUPPRESS  # type: ignore[attr-defined]
+    rank = {title: index for index, title in enumerate(GROUPS)}
+    parser._action_groups.sort(key=lambda group: rank.get(group.title or "", -1))

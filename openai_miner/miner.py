@@ -15,7 +15,7 @@ from starlette.types import ASGIApp
 
 from openai_miner import sources
 from openai_miner.base import Miner
-from openai_miner.config import layered_env
+from openai_miner.config import LOCAL, UPSTREAM, group, layered_env
 from openai_miner.core import Core
 from openai_miner.fronts import axon
 from openai_miner.fronts.auth import Authenticator
@@ -55,8 +55,8 @@ class OpenAIMiner(Miner):
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
         super().add_args(parser)
-        openai_source.add_args(parser)
-        sources.add_args(parser)
+        openai_source.add_args(group(parser, UPSTREAM))
+        sources.add_args(group(parser, LOCAL))
 
     @property
     def source(self) -> TokenSource:

@@ -91,8 +91,9 @@ def require_wallet(wallet: bt.Wallet) -> None:
     )
     raise WalletMissing(
         f"wallet {wallet.name}/{wallet.hotkey_str} not found under {os.path.expanduser(wallet.path)} "
-        f"(missing {', '.join(missing)}): create it with {create}, point --wallet.name, "
-        "--wallet.hotkey or --wallet.path at an existing one, or try it offline with --mock"
+        f"(missing {', '.join(missing)}): create it with {create} (btcli comes with "
+        "`pip install bittensor-cli`), point --wallet.name, --wallet.hotkey or --wallet.path at an "
+        "existing one, or try it offline with --mock"
     )
 
 

@@ -4,6 +4,7 @@ import asyncio
 import os
 import re
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from openai_miner.fronts.axon import body_chunks
@@ -56,6 +57,13 @@ def local_source(model: str, **kwargs: Any) -> "LocalSource":
     local.load()
     STARTED.append(local)
     return local
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a real ``openai-miner`` process in a test: its own HOME, nothing of ours."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "BT_", "AXON_", "WALLET_"))}
+    env.update(HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return env
 
 
 def far() -> float:

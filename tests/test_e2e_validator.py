@@ -6,7 +6,6 @@ documented code and a message saying why and what to do, before serving anything
 """
 
 import asyncio
-import os
 import select
 import signal
 import socket
@@ -29,6 +28,7 @@ from openai_miner.protocol import StreamPromptingSynapse
 from openai_miner.testing.localnet import NETUID, free_port, make_wallet, miner_argv
 from openai_miner.testing.validator import Answer, ask
 from openai_miner.testing.fake_source import FakeSource
+from tests.helpers import cli_env
 
 WORDS = [f"w{i:02d} " for i in range(42)]  # unique, so order and batching are visible in the text
 TEXT = "".join(WORDS)
@@ -195,12 +195,6 @@ async def test_malformed_synapse_gets_400_while_other_streams_continue(serve_min
 
 
 # -- the real console command ----------------------------------------------------------------------
-
-
-def cli_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "BT_", "AXON_", "WALLET_"))}
-    env.update(HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return env
 
 
 def read_line_with(process: subprocess.Popen, marker: str, timeout: float) -> str:

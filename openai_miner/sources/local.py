@@ -44,6 +44,7 @@ import importlib.util
 import itertools
 import math
 import os
+import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -169,6 +170,15 @@ def parameter_megabytes(model: torch.nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the model hub answers at all: one TCP connection, a few seconds at most."""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_model(model: str, device: str, dtype: str | None = "auto") -> LoadedModel:
     """Load a hub id, a ``save_pretrained`` directory or a ``.gguf`` file, ready to generate.
 
@@ -178,9 +188,11 @@ def load_model(model: str, device: str, dtype: str | None = "auto") -> LoadedMod
     started = time.monotonic()
     torch_dtype = pick_dtype(dtype, device)
     path = Path(model).expanduser()
-    kwargs: dict[str, Any] = {
-        "local_files_only": path.exists() or os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE
-    }
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE
+    if not path.exists() and not offline and not hub_reachable():
+        bt.logging.warning(f"no model hub reachable: looking for {model} in the local cache only")
+        offline = True  # one quick failure, instead of a minute of retries
+    kwargs: dict[str, Any] = {"local_files_only": path.exists() or offline}
     source: str = model
     if path.suffix == ".gguf":
         source, kwargs["gguf_file"] = str(path.parent), path.name

@@ -204,6 +204,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             port = args.port or free_port()
             argv = miner_argv(wallet_dir, port, *demo_flags(args), name="demo-miner")
             config = OpenAIMiner.config(argv, env=env)
+            make_wallet(wallet_dir, "demo-miner")  # its own throwaway directory: nothing to announce
             validators = [make_wallet(wallet_dir, f"demo-validator-{i}") for i in range(args.concurrency)]
             chain = mock_subtensor(NETUID)
             for wallet in validators:

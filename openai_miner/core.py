@@ -41,6 +41,10 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--neuron.max_prompt_chars", type=at_least(1), default=100_000,
         help="Refuse conversations longer than this many characters.",
     )
+    parser.add_argument(
+        "--neuron.max_messages", type=at_least(1), default=1024,
+        help="Refuse conversations of more messages than this (each costs time on the event loop).",
+    )
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class Core:
         batch_size: int = 12,
         deadline_margin: float = 0.5,
         max_prompt_chars: int = 100_000,
+        max_messages: int = 1024,
         on_failure: Callable[[], None] | None = None,
     ) -> None:
         self.source = source
@@ -74,6 +79,7 @@ class Core:
         self.batch_size = batch_size
         self.deadline_margin = deadline_margin
         self.max_prompt_chars = max_prompt_chars
+        self.max_messages = max_messages
         self.on_failure = on_failure
         self.stats: Counter[str] = Counter()  # answers by outcome, and "tokens" sent in all
 
@@ -92,6 +98,7 @@ class Core:
             batch_size=neuron.streaming_batch_size,
             deadline_margin=neuron.deadline_margin,
             max_prompt_chars=neuron.max_prompt_chars,
+            max_messages=neuron.max_messages,
             on_failure=on_failure if neuron.stop_on_forward_exception else None,
         )
 
@@ -106,6 +113,7 @@ class Core:
             roles, contents,
             system_prompt=self.system_prompts.for_task(task) if templated else None,
             max_chars=self.max_prompt_chars,
+            max_messages=self.max_messages,
         )
 
     def deadline(self, timeout: float | None, arrived: float | None = None) -> float:

@@ -35,6 +35,7 @@ def to_chat_messages(
     *,
     system_prompt: str | None = None,
     max_chars: int = 100_000,
+    max_messages: int = 1024,
 ) -> list[BaseMessage]:
     """Map each (role, message) pair to a chat message, in order, keeping the whole history.
 
@@ -43,6 +44,8 @@ def to_chat_messages(
     """
     if not messages:
         raise InvalidPrompt("no messages: the synapse must carry at least one message")
+    if len(messages) > max_messages:  # first: turning each into a request costs time on the event loop
+        raise InvalidPrompt(f"{len(messages)} messages is over this miner's limit of {max_messages}")
     if len(roles) != len(messages):
         raise InvalidPrompt(
             f"{len(roles)} roles for {len(messages)} messages: each message needs exactly one role"

@@ -5,6 +5,7 @@ no model work, and leave the miner serving. Bodies no ``bt.Dendrite`` would send
 one and then replaced on the way, with raw aiohttp.
 """
 
+import asyncio
 import json
 import re
 import time
@@ -219,3 +220,35 @@ async def test_any_synapse_contents_get_an_answer_or_a_refusal(answering_miner, 
         assert answer.status == 200 and answer.text == ANSWER
     else:
         assert refused(answer, 400, "invalid prompt: "), answer.synapse.dendrite.status_message
+
+
+async def test_a_hundred_thousand_messages_are_refused_before_any_work(serve_miner, validator) -> None:
+    """Each message costs the shared event loop time; 100,000 one-character ones froze the miner ~20 s."""
+    source = FakeSource(["fine"])
+    miner = serve_miner(source=source)
+    many = ["x"] * 100_000
+    async with bt.Dendrite(wallet=validator) as dendrite:
+        flood, other = await asyncio.gather(
+            ask(dendrite, miner.axon, ["user"] * len(many), many, timeout=30),
+            ask(dendrite, miner.axon, ["user"], ["hello"], timeout=30),
+        )
+    assert refused(flood, 400, "100000 messages is over this miner's limit of 1024")
+    assert other.status == 200 and other.text == "fine" and len(source.seen) == 1
+
+
+async def test_the_http_front_refuses_too_many_messages_too(serve_miner, validator) -> None:
+    import json
+
+    import httpx
+
+    from openai_miner.fronts.auth import epistula_headers
+    from openai_miner.testing.localnet import free_port
+
+    source = FakeSource(["fine"])
+    miner = serve_miner("--http.port", str(free_port()), "--neuron.max_messages", "3", source=source)
+    body = json.dumps({"messages": [{"role": "user", "content": "x"}] * 4}).encode()
+    headers = epistula_headers(validator.hotkey, body, miner.wallet.hotkey.ss58_address)
+    async with httpx.AsyncClient() as client:
+        response = await client.post(f"http://127.0.0.1:{miner.config.http.port}/v1/chat/completions", content=body, headers=headers)
+    assert response.status_code == 400 and "4 messages is over this miner's limit of 3" in response.json()["error"]["message"]
+    assert source.seen == []

@@ -82,3 +82,30 @@ async def test_slow_upstream_cancelled_at_deadline_is_not_a_failure() -> None:
 def test_needs_a_source() -> None:
     with pytest.raises(ValueError):
         FallbackSource(None, None, CircuitBreaker(1, 1))
+
+
+async def test_an_upstream_that_sends_no_first_token_in_time_is_a_failure_and_local_answers() -> None:
+    stalled, local = FakeSource(["up"], interval=30), FakeSource(["lo", "cal"])
+    src = FallbackSource(stalled, local, CircuitBreaker(3, 10.0), first_token_share=0.5)
+    send = Recorder()
+    started = time.monotonic()
+    result = await stream_answer(src, [], send.emit, batch_size=2, deadline=started + 1.0)
+    assert (send.text, result.outcome) == ("local", "complete")
+    assert stalled.cancelled == 1 and src.breaker.consecutive == 1  # counted against the upstream
+    assert time.monotonic() - started < 1.0  # waited half the time left, not all of it
+
+
+async def test_a_slow_upstream_that_has_started_is_not_cut() -> None:
+    slow, local = FakeSource(["a", "b", "c"], interval=0.2), FakeSource(["local"])
+    src = FallbackSource(slow, local, CircuitBreaker(3, 10.0), first_token_share=0.5)
+    send = Recorder()
+    result = await stream_answer(src, [], send.emit, batch_size=1, deadline=time.monotonic() + 1.5)
+    assert (send.text, result.outcome) == ("abc", "complete") and src.breaker.consecutive == 0
+
+
+async def test_without_a_local_model_a_slow_first_token_is_waited_for() -> None:
+    slow = FakeSource(["late"], interval=0.4)
+    src = FallbackSource(slow, None, CircuitBreaker(3, 10.0), first_token_share=0.1)
+    send = Recorder()
+    result = await stream_answer(src, [], send.emit, batch_size=1, deadline=time.monotonic() + 1.0)
+    assert (send.text, result.outcome) == ("late", "complete")

@@ -76,8 +76,8 @@ CASES = {
         {"interval": 0.25}, "partial", "partial", 1, timeout=2.0, at_deadline=True
     ),
     "never-sends-done": Case({"fault": Fault(no_done=True)}, "full", "full", 1, timeout=2.0, at_deadline=True),
-    "headers-never-come": Case(
-        {"fault": Fault(delay_before_headers=30)}, "empty", "empty", 1, timeout=2.0, at_deadline=True
+    "headers-never-come": Case(  # a stalled upstream: the local model answers after half the time left
+        {"fault": Fault(delay_before_headers=30)}, "empty", "local", 1, timeout=2.0, at_deadline=True
     ),
 }
 
@@ -125,7 +125,7 @@ async def test_fault_gives_a_clean_stream_in_time_and_the_next_request_works(
     if case.reason is not None:
         assert case.reason in caplog.text
     deadline = case.timeout - min(MARGIN, case.timeout / 4)
-    if case.at_deadline:
+    if case.at_deadline and expected != "local":
         assert deadline - 0.05 <= took < case.timeout
         assert first.disconnected and not first.finished  # the miner closed the upstream request
     else:
@@ -389,3 +389,24 @@ async def test_loopback_fails_each_request_its_own_way() -> None:
     assert crawled.text.endswith("data: [DONE]\n\n") and fine.text.endswith("data: [DONE]\n\n")
     crawl, quick = up.requests[2], up.requests[3]
     assert crawl.token_times[-1] - crawl.token_times[0] >= 0.2 > quick.token_times[-1] - quick.token_times[0]
+
+
+async def test_a_stalled_upstream_is_answered_locally_and_counted_as_down(serve_miner, chain, wallets, tiny_model) -> None:
+    """It takes the request and never sends a token: six validators at once all get local text."""
+    from openai_miner.testing.localnet import register_validator
+
+    validators = [wallets(f"v{i}") for i in range(6)]
+    for wallet in validators:
+        register_validator(chain, wallet)
+    with LoopbackUpstream(tokens=TOKENS, fault=Fault(delay_before_headers=60)) as up:
+        miner = serve_miner("--openai.base_url", up.base_url, *local_flags(tiny_model, "--fallback.failures", "3"))
+
+        async def one(wallet: bt.Wallet):
+            async with bt.Dendrite(wallet=wallet) as dendrite:
+                return await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=4.0)
+
+        answers = await asyncio.gather(*(one(wallet) for wallet in validators))
+        await eventually(lambda: all(r.disconnected for r in up.requests), within=2.0)
+    assert [a.status for a in answers] == [200] * 6 and all(is_local(a.text) for a in answers)
+    assert miner.source.breaker.state == "open"  # six stalls in a row: the upstream counts as down
+    assert all(a.ended - a.started < 4.0 - MARGIN for a in answers)

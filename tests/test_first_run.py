@@ -169,6 +169,6 @@ def test_the_command_says_it_loads_the_model_and_where(tmp_path: Path, tiny_mode
     finally:
         if process.poll() is None:
             process.kill()
-    log = "".join(printed)
+    log = "".join(printed) + process.stdout.read()  # the log's thread may write after the summary
     assert f"loading the local model {tiny_model} on cpu before serving (about 20 s" in log
     assert f"loaded {tiny_model} on cpu (float32" in log and "stopped after 0 answers" in process.stderr.read()

@@ -62,6 +62,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--fallback.cooldown", type=at_least(0, float), default=60.0,
         help="Seconds the local model answers alone before the upstream is probed again.",
     )
+    parser.add_argument(
+        "--fallback.first_token_share", type=at_least(0, float, inclusive=False), default=0.5,
+        help="Share of a request's time left after which an upstream that has sent no token yet counts as "
+        "failed and the local model answers (a stalled proxy or server).",
+    )
     add_bool(
         parser, "--fallback.preload", default=True,
         help="Load the local model at start, before serving (about 20 s on CPU), so no request waits "
@@ -109,7 +114,8 @@ def build(config: bt.Config, api_key: SecretStr | None) -> TokenSource:
             )
             note = " (failed to load at start)"
     settings = config.fallback
-    return FallbackSource(primary, local, CircuitBreaker(settings.failures, settings.cooldown), note)
+    breaker = CircuitBreaker(settings.failures, settings.cooldown)
+    return FallbackSource(primary, local, breaker, note, first_token_share=settings.first_token_share)
 
 
 def install_hint(requirement: str) -> str:

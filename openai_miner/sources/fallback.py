@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import bittensor as bt
 from langchain_core.messages import BaseMessage
 
-from openai_miner.sources.base import DEFAULT_SAMPLING, NoAnswer, Sampling, Token, TokenSource
+from openai_miner.sources.base import DEFAULT_SAMPLING, NoAnswer, Sampling, Token, TokenSource, UpstreamError
 
 
 class CircuitBreaker:
@@ -73,10 +73,16 @@ class _Counted:
     def __init__(self, queue: "asyncio.Queue[str | Token]") -> None:
         self._queue = queue
         self.count = 0
+        self.started = asyncio.Event()
 
     def put_nowait(self, token: "str | Token") -> None:
         self.count += 1
+        self.started.set()
         self._queue.put_nowait(token)
+
+
+class Stalled(UpstreamError):
+    """The upstream took the request and sent no first token within its share of the deadline."""
 
 
 class FallbackSource:
@@ -90,12 +96,14 @@ class FallbackSource:
         local: TokenSource | None,
         breaker: CircuitBreaker,
         note: str = "",
+        first_token_share: float = 0.5,
     ) -> None:
         if primary is None and local is None:
             raise ValueError("no token source: set OPENAI_API_KEY or enable the local fallback")
         self.primary = primary
         self.local = local
         self.breaker = breaker
+        self.first_token_share = first_token_share
         self.note = note  # said after the description: why the local model answers, or a failed load
         self.answered: Counter[str] = Counter()
 
@@ -123,7 +131,7 @@ class FallbackSource:
         if self.primary is not None and (self.local is None or self.breaker.allow()):
             counted = _Counted(queue)
             try:
-                await self.primary.produce(messages, counted, deadline, sampling)  # type: ignore[arg-type]
+                await self._from_primary(self.primary, messages, counted, deadline, sampling)
             except asyncio.CancelledError:
                 self.breaker.abandon()
                 raise
@@ -142,3 +150,24 @@ class FallbackSource:
         assert self.local is not None
         await self.local.produce(messages, queue, deadline, sampling)
         self.answered[self.local.name] += 1
+
+    async def _from_primary(
+        self, primary: TokenSource, messages: Sequence[BaseMessage], counted: _Counted, deadline: float,
+        sampling: Sampling,
+    ) -> None:
+        """The upstream's answer; with a local model to turn to, :class:`Stalled` if no first token
+        comes within ``first_token_share`` of the time left (a hung proxy or server)."""
+        answering = asyncio.ensure_future(primary.produce(messages, counted, deadline, sampling))  # type: ignore[arg-type]
+        try:
+            if self.local is not None:
+                patience = self.first_token_share * max(deadline - time.monotonic(), 0.0)
+                first = asyncio.ensure_future(counted.started.wait())
+                try:
+                    await asyncio.wait({answering, first}, timeout=patience, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    first.cancel()
+                if not answering.done() and not counted.count:
+                    raise Stalled(f"no first token from the upstream within {patience:.1f}s")
+            await answering
+        finally:
+            answering.cancel()

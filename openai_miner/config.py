@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     """A setting is missing, unreadable or has a bad value; the message says which and why."""
 
 
+def shown(value: str, limit: int = 16) -> str:
+    """A bad setting as an error message quotes it: cut short, since it may be a misplaced key."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
 def str_to_bool(value: str | bool) -> bool:
     """A real boolean for flags and env vars: ``"false"`` means False (argparse's ``bool`` says True)."""
     if isinstance(value, bool):
@@ -33,7 +38,7 @@ def str_to_bool(value: str | bool) -> bool:
         return True
     if text in FALSE:
         return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, 1/0, yes/no), got {value!r}")
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, 1/0, yes/no), got {shown(str(value))}")
 
 
 def at_least(low: float, kind: Callable[[str], Any] = int, *, inclusive: bool = True) -> Callable[[str], Any]:
@@ -43,10 +48,10 @@ def at_least(low: float, kind: Callable[[str], Any] = int, *, inclusive: bool = 
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {shown(text)}") from None
         if value < low or (value == low and not inclusive):
             raise argparse.ArgumentTypeError(
-                f"must be {'at least' if inclusive else 'greater than'} {low:g}, got {text}"
+                f"must be {'at least' if inclusive else 'greater than'} {low:g}, got {text[:16]}"
             )
         return value
 
@@ -66,7 +71,7 @@ def port_number(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a port number, got {shown(text)}") from None
     problem = port_problem(value, any_free=True)
     if problem:
         raise argparse.ArgumentTypeError(f"{problem}, got {value}")
@@ -140,7 +145,7 @@ def apply_env(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
         try:
             action.default = convert(action, env[name])
         except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
-            raise ConfigError(f"environment variable {name}={env[name]!r}: {exc}") from exc
+            raise ConfigError(f"environment variable {name}={shown(env[name])}: {exc}") from exc
         action.required = False
 
 

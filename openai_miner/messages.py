@@ -15,6 +15,9 @@ ROLES: dict[str, type[BaseMessage]] = {
 }
 
 
+SPACES = " \t\r\n"  # what may surround a role; str.strip() would also take \x1c-\x1f, \x85, \u2028...
+
+
 class InvalidPrompt(ValueError):
     """The synapse cannot be answered; ``str(error)`` is the reason sent to the validator."""
 
@@ -55,13 +58,13 @@ def to_chat_messages(
         raise InvalidPrompt(f"prompt of {total} characters is over this miner's limit of {max_chars}")
     chat: list[BaseMessage] = []
     for index, (role, content) in enumerate(zip(roles, messages)):
-        kind = ROLES.get(role.strip().lower()) if isinstance(role, str) else None
+        kind = ROLES.get(role.strip(SPACES).lower()) if isinstance(role, str) else None
         if kind is None:
             raise InvalidPrompt(
                 f"message {index} has unknown role {shown(role)}; expected one of {', '.join(ROLES)}"
             )
         if not content.strip():
-            raise InvalidPrompt(f"message {index} ({role.strip().lower()}) is empty")
+            raise InvalidPrompt(f"message {index} ({role.strip(SPACES).lower()}) is empty")
         chat.append(kind(content=content))
     if not any(isinstance(message, HumanMessage) for message in chat):
         raise InvalidPrompt("no user message: there is nothing to answer")

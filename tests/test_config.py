@@ -134,3 +134,10 @@ def test_world_readable_dotenv_with_a_key_is_warned_about(tmp_path: Path, caplog
     with caplog.at_level("WARNING"):
         layered_env({}, dotenv)
     assert "chmod 600" not in caplog.text
+
+
+def test_a_bad_value_is_not_echoed_whole_it_may_be_a_misplaced_key() -> None:
+    secret = "sk-proj-" + "s3cr3t" * 10
+    with pytest.raises(ConfigError) as error:
+        OpenAIMiner.config([], {"OPENAI_MAX_TOKENS": secret})
+    assert "OPENAI_MAX_TOKENS" in str(error.value) and secret not in str(error.value)

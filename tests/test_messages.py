@@ -36,3 +36,15 @@ def test_role_names_are_case_insensitive() -> None:
 def test_refusals_say_why(roles: list[str], messages: list[str], reason: str) -> None:
     with pytest.raises(InvalidPrompt, match=reason.replace("(", r"\(").replace(")", r"\)")):
         to_chat_messages(roles, messages, max_chars=100)
+
+
+@pytest.mark.parametrize("role", ["\x1cuser", "user\x1f", "\x85user", "user\u2028", "\u2029assistant"])
+def test_control_and_unicode_separators_around_a_role_are_refused(role: str) -> None:
+    with pytest.raises(InvalidPrompt, match="unknown role"):
+        to_chat_messages([role, "user"], ["a", "b"])
+
+
+def test_plain_spaces_around_a_role_are_fine() -> None:
+    assert [type(m).__name__ for m in to_chat_messages([" User\n", "\tassistant ", "user"], ["a", "b", "c"])] == [
+        "HumanMessage", "AIMessage", "HumanMessage"
+    ]

@@ -40,7 +40,7 @@ from openai_miner.config import (
 from openai_miner.fronts import http
 from openai_miner.fronts.axon import Axon, AxonGate, StreamingResponse
 from openai_miner.protocol import StreamPromptingSynapse
-from openai_miner.serving import Servers
+from openai_miner.serving import Servers, harden, raise_file_limit
 from openai_miner.startup import (
     NotRegistered,
     StartupError,
@@ -141,6 +141,15 @@ class Miner(abc.ABC):
             "--neuron.sync_interval", type=at_least(0, float, inclusive=False), default=120.0,
             help="Seconds between refreshes of the registered hotkeys and stakes.",
         )
+        chain.add_argument(
+            "--neuron.idle_seconds", type=at_least(0, float, inclusive=False), default=20.0,
+            help="Close a connection silent this long, from its start or between requests (outlives a "
+            "dendrite's 15 s keep-alive).",
+        )
+        chain.add_argument(
+            "--neuron.max_connections", type=at_least(1), default=1000,
+            help="Connections and requests at once per front; more get HTTP 503 at once.",
+        )
         front = group(parser, HTTP)
         add_bool(front, "--axon.off", default=False, help="Serve no axon: the HTTP front (--http.port) alone.")
         http.add_args(front)
@@ -219,23 +228,26 @@ class Miner(abc.ABC):
         servers: list[uvicorn.Server] = []
         if not settings.axon.off:
             self.axon.attach(forward_fn=self._prompt, blacklist_fn=self.blacklist, priority_fn=self.priority)
-            # Outlive the dendrite's idle keep-alive (aiohttp: 15 s); at uvicorn's 5 s a validator reusing
-            # a connection as it closes gets ServerDisconnectedError (measured: 266 of 2,560 streams).
-            self.axon.fast_config.timeout_keep_alive = 20
+            harden(self.axon.fast_config, idle=settings.neuron.idle_seconds, max_connections=settings.neuron.max_connections)
             servers.append(self.axon.fast_server)
         if settings.http.port is not None:
             app = self.http_app()
             if app is None:
                 raise StartupError(f"{type(self).__name__} has no HTTP front: drop --http.port")
-            config = uvicorn.Config(
-                app, host=settings.http.host, port=settings.http.port, log_level="warning", timeout_keep_alive=20
-            )
+            config = uvicorn.Config(app, host=settings.http.host, port=settings.http.port, log_level="warning")
+            harden(config, idle=settings.neuron.idle_seconds, max_connections=settings.neuron.max_connections)
             servers.append(uvicorn.Server(config))
         if not settings.mock:
             if settings.axon.off or settings.http.advertise:
                 self.axon.external_port = settings.http.port  # what SN1 v2.13+ validators dial
             with chain_errors(self.config):
                 self.axon.serve(netuid=settings.netuid, subtensor=self.subtensor)
+        files = raise_file_limit()
+        if files < 2 * settings.neuron.max_connections:
+            bt.logging.warning(
+                f"the open-file limit is {files}: below twice --neuron.max_connections "
+                f"({settings.neuron.max_connections}), idle sockets may lock validators out; raise `ulimit -n`"
+            )
         self.servers = Servers(servers)
         self.servers.start()
         for port in self.ports:

@@ -7,9 +7,45 @@ tasks. Stopping asks each to exit, with a bounded grace for answers in flight.
 """
 
 import asyncio
+import resource
 import threading
 
+import bittensor as bt
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+
+class IdleClosing(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    """uvicorn's HTTP protocol, also closing a connection that sends nothing at all.
+
+    uvicorn times out idle keep-alive connections only after a first response: a client that
+    connects and stays silent would hold a file descriptor forever, and enough of them lock
+    validators out. The same keep-alive timer now starts when the connection opens; the first
+    bytes cancel it, as they cancel it between requests.
+    """
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+
+def harden(config: uvicorn.Config, *, idle: float, max_connections: int) -> None:
+    """Close silent connections after ``idle`` seconds; over ``max_connections`` at once, answer 503."""
+    config.http = IdleClosing
+    config.timeout_keep_alive = idle
+    config.limit_concurrency = max_connections
+
+
+def raise_file_limit() -> int:
+    """Raise this process's open-file limit to its hard limit (each connection holds one); the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+        except (ValueError, OSError) as error:
+            bt.logging.warning(f"could not raise the open-file limit from {soft} ({error}): each connection holds one")
+    return soft
 
 
 class Servers:

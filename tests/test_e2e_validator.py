@@ -307,6 +307,7 @@ def test_missing_wallet_exits_5_before_touching_the_chain(tmp_path, monkeypatch,
     error = capsys.readouterr().err
     assert "wallet ghost/hk not found" in error
     assert "coldkeypub.txt" in error and "btcli wallet create" in error and "--mock" in error
+    assert "pip install bittensor-cli" in error  # where btcli comes from: the install does not bring it
 
 
 def test_missing_hotkey_of_an_existing_coldkey_suggests_new_hotkey(tmp_path, monkeypatch, capsys) -> None:

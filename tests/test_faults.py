@@ -410,3 +410,44 @@ async def test_a_stalled_upstream_is_answered_locally_and_counted_as_down(serve_
     assert [a.status for a in answers] == [200] * 6 and all(is_local(a.text) for a in answers)
     assert miner.source.breaker.state == "open"  # six stalls in a row: the upstream counts as down
     assert all(a.ended - a.started < 4.0 - MARGIN for a in answers)
+
+
+# -- sockets that say nothing ------------------------------------------------------------------------
+
+
+async def silent_sockets(port: int, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    return [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
+
+
+async def test_silent_connections_are_closed_and_validators_still_served(serve_miner, validator) -> None:
+    from openai_miner.testing.fake_source import FakeSource
+    from openai_miner.testing.localnet import free_port
+
+    miner = serve_miner(
+        "--neuron.idle_seconds", "1", "--http.port", str(free_port()), source=FakeSource(TOKENS)
+    )
+    idle = await silent_sockets(miner.axon.port, 30) + await silent_sockets(miner.config.http.port, 30)
+    async with bt.Dendrite(wallet=validator) as dendrite:
+        answer = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=TIMEOUT)
+    assert answer.status == 200 and answer.text == FULL
+    closed = await asyncio.gather(*(asyncio.wait_for(reader.read(), 3.0) for reader, _ in idle))
+    assert closed == [b""] * 60  # every silent socket was closed by the miner (EOF), none left open
+    for _, writer in idle:
+        writer.close()
+
+
+async def test_over_the_connection_cap_a_new_request_gets_503(serve_miner) -> None:
+    import httpx
+
+    from openai_miner.testing.fake_source import FakeSource
+    from openai_miner.testing.localnet import free_port
+
+    miner = serve_miner(
+        "--neuron.max_connections", "3", "--http.port", str(free_port()), source=FakeSource(TOKENS)
+    )
+    idle = await silent_sockets(miner.config.http.port, 3)
+    async with httpx.AsyncClient() as client:
+        over = await client.get(f"http://127.0.0.1:{miner.config.http.port}/health")
+    for _, writer in idle:
+        writer.close()
+    assert over.status_code == 503

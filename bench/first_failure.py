@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import bittensor as bt
 
 from bench import procstat
-from bench.record import Started, save
+from bench.record import Started, header, save
 from bench.stats import median
 from bench.validators import Validators
 from openai_miner.testing.localnet import OPEN_TO_ALL, axon_info, free_port, miner_argv
@@ -122,8 +122,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     meta, s = results["meta"], results["settings"]
     lines = [
-        f"Command: `{meta['command']}` — {meta['machine']}; 1-min load average "
-        f"{meta['load_average_1m'][0]:g} before, {meta['load_average_1m'][1]:g} after",
+        header(meta),
         "",
         f"Upstream answering HTTP 500 to every request; {s['validators']} validators ask at once as soon as "
         f"the miner serves, timeout {s['timeout']:g} s; {s['runs']} fresh miner(s) per mode. Medians over runs "

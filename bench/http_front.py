@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import httpx
 from bittensor_wallet import Keypair
 
-from bench.record import Started, save
+from bench.record import Started, header, save
 from bench.serve import HTTP_KINDS, MinerProcess
 from bench.stats import RunSamples, analyse, median, ms_percentiles, pooled, ratio
 from bench.upstream import UpstreamProcess, words
@@ -178,8 +178,7 @@ def compare(kinds: dict[str, Any], streams: list[int]) -> dict[str, Any]:
 def markdown(results: dict[str, Any]) -> str:
     meta, s = results["meta"], results["settings"]
     lines = [
-        f"Command: `{meta['command']}` — {meta['machine']}; 1-min load average "
-        f"{meta['load_average_1m'][0]:g} before, {meta['load_average_1m'][1]:g} after",
+        header(meta),
         "",
         f"{s['tokens']} tokens per answer, one every {s['interval'] * 1000:g} ms; medians over {s['repeats']} run(s).",
         "",

@@ -25,7 +25,7 @@ import bittensor as bt
 import numpy as np
 
 from bench import procstat
-from bench.record import Started, save
+from bench.record import Started, header, save
 from bench.first_failure import start_miner, wait_ready
 from bench.validators import Validators
 from openai_miner.testing.localnet import axon_info
@@ -98,8 +98,7 @@ def run_mode(mode: str, args: argparse.Namespace, upstream: str) -> dict[str, An
 def markdown(results: dict[str, Any]) -> str:
     meta, s = results["meta"], results["settings"]
     lines = [
-        f"Command: `{meta['command']}` — {meta['machine']}; 1-min load average "
-        f"{meta['load_average_1m'][0]:g} before, {meta['load_average_1m'][1]:g} after",
+        header(meta),
         "",
         f"Upstream answering HTTP 500 to everything; {s['timeout']:g} s timeout; model {s['model'] or 'the default'}.",
         "",

@@ -29,6 +29,12 @@ class Started:
         }
 
 
+def header(meta: dict[str, Any]) -> str:
+    """The table's first line: the command, the machine and its load."""
+    before, after = meta["load_average_1m"]
+    return f"Command: `{meta['command']}` — {meta['machine']}; 1-min load average {before:g} before, {after:g} after"
+
+
 def save(out: Path, name: str, results: dict[str, Any], table: str) -> None:
     """Write ``<out>/<name>.json`` and ``<out>/<name>.md``, and print the table."""
     out.mkdir(parents=True, exist_ok=True)

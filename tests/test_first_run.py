@@ -24,11 +24,10 @@ def run_miner(tmp_path: Path, *argv: str, timeout: float = 60) -> tuple[subproce
     return done, time.monotonic() - started
 
 
-def test_a_mock_run_leaves_the_users_wallets_alone_and_writes_no_coldkey(tmp_path: Path) -> None:
-    home = tmp_path / "home"
+def serve_then_stop(tmp_path: Path, *argv: str) -> tuple[int, str]:
+    """Start the real command, stop it (SIGTERM) once it serves; its exit code and all it printed."""
     process = subprocess.Popen(
-        [MINER_CLI, "--mock", "--wallet.name", "demo", "--axon.port", str(free_port()),
-         "--openai.base_url", "http://127.0.0.1:9/v1", "--fallback.off"],
+        [MINER_CLI, "--mock", "--axon.port", str(free_port()), *argv],
         cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     printed = []
@@ -38,11 +37,20 @@ def test_a_mock_run_leaves_the_users_wallets_alone_and_writes_no_coldkey(tmp_pat
             if line.startswith("openai-miner |"):
                 break
         process.terminate()
-        assert process.wait(timeout=15) == 0
+        code = process.wait(timeout=15)
     finally:
         if process.poll() is None:
             process.kill()
-    log = "".join(printed) + process.stderr.read()
+    # the log's thread may write after the summary line: read to the end
+    return code, "".join(printed) + process.stdout.read() + process.stderr.read()
+
+
+def test_a_mock_run_leaves_the_users_wallets_alone_and_writes_no_coldkey(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    code, log = serve_then_stop(
+        tmp_path, "--wallet.name", "demo", "--openai.base_url", "http://127.0.0.1:9/v1", "--fallback.off"
+    )
+    assert code == 0
     wallets = home / ".bittensor" / "wallets"  # bittensor itself makes it, empty, on import
     assert not any(path.is_file() for path in wallets.rglob("*"))  # the user's wallet directory: untouched
     made = home / ".bittensor" / "mock-wallets" / "demo"
@@ -153,22 +161,6 @@ def test_the_install_hint_fits_how_the_package_was_installed(tmp_path: Path, mon
 
 
 def test_the_command_says_it_loads_the_model_and_where(tmp_path: Path, tiny_model: str) -> None:
-    process = subprocess.Popen(
-        [MINER_CLI, "--mock", "--wallet.path", str(tmp_path / "w"), "--axon.port", str(free_port()),
-         "--fallback.model", tiny_model],
-        cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    printed = []
-    try:
-        for line in process.stdout:
-            printed.append(line)
-            if line.startswith("openai-miner |"):
-                break
-        process.terminate()
-        process.wait(timeout=15)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    log = "".join(printed) + process.stdout.read()  # the log's thread may write after the summary
+    code, log = serve_then_stop(tmp_path, "--wallet.path", str(tmp_path / "w"), "--fallback.model", tiny_model)
     assert f"loading the local model {tiny_model} on cpu before serving (about 20 s" in log
-    assert f"loaded {tiny_model} on cpu (float32" in log and "stopped after 0 answers" in process.stderr.read()
+    assert f"loaded {tiny_model} on cpu (float32" in log and "stopped after 0 answers" in log and code == 0

@@ -38,7 +38,7 @@ from openai_miner.config import (
     tidy_help,
 )
 from openai_miner.fronts import http
-from openai_miner.fronts.axon import Axon, AxonGate, StreamingResponse
+from openai_miner.fronts.axon import Axon, AxonGate, Refusals, RefuseStrangers, StreamingResponse
 from openai_miner.protocol import StreamPromptingSynapse
 from openai_miner.serving import Servers, harden, raise_file_limit
 from openai_miner.startup import (
@@ -228,6 +228,7 @@ class Miner(abc.ABC):
         servers: list[uvicorn.Server] = []
         if not settings.axon.off:
             self.axon.attach(forward_fn=self._prompt, blacklist_fn=self.blacklist, priority_fn=self.priority)
+            self.axon.app.add_middleware(RefuseStrangers, access=self.access, refusals=Refusals())
             harden(self.axon.fast_config, idle=settings.neuron.idle_seconds, max_connections=settings.neuron.max_connections)
             servers.append(self.axon.fast_server)
         if settings.http.port is not None:

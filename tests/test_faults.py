@@ -451,3 +451,55 @@ async def test_over_the_connection_cap_a_new_request_gets_503(serve_miner) -> No
     for _, writer in idle:
         writer.close()
     assert over.status_code == 503
+
+
+# -- a stranger's flood ------------------------------------------------------------------------------
+
+
+async def test_a_strangers_requests_are_refused_before_bittensor_signs_them(serve_miner, validator, wallets, monkeypatch) -> None:
+    """bittensor's middleware signs every request it parses with the miner's hotkey (sr25519):
+    a refused hotkey must not get that far."""
+    from bittensor.core.axon import AxonMiddleware
+
+    from openai_miner.testing.fake_source import FakeSource
+
+    parsed: list[str] = []
+    preprocess = AxonMiddleware.preprocess
+
+    async def counting(self, request):
+        parsed.append(request.url.path)
+        return await preprocess(self, request)
+
+    monkeypatch.setattr(AxonMiddleware, "preprocess", counting)
+    miner = serve_miner(source=FakeSource(TOKENS))
+    async with bt.Dendrite(wallet=wallets("stranger")) as stranger:
+        refused = [await ask(stranger, miner.axon, ["user"], ["hello"], timeout=TIMEOUT) for _ in range(20)]
+    assert all(a.status == 403 and "not registered" in a.message for a in refused) and parsed == []
+    async with bt.Dendrite(wallet=validator) as dendrite:
+        served = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=TIMEOUT)
+    assert served.status == 200 and served.text == FULL and len(parsed) == 1
+
+
+async def test_an_unsigned_request_gets_403_not_500(serve_miner) -> None:
+    from openai_miner.testing.fake_source import FakeSource
+
+    miner = serve_miner(source=FakeSource(TOKENS))
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"http://127.0.0.1:{miner.axon.port}/StreamPromptingSynapse",
+            json={"roles": ["user"], "messages": ["hi"]}, headers={"X-Secret-Looking": "sk-123"},
+        )
+    assert response.status_code == 403 and "no hotkey" in response.text and "sk-123" not in response.text
+
+
+def test_refusals_are_logged_as_one_summary_line(caplog) -> None:
+    from openai_miner.fronts.axon import Refusals
+
+    now = [0.0]
+    refusals = Refusals(every=10.0, clock=lambda: now[0])
+    with caplog.at_level("INFO", logger="bittensor"):
+        for tick in range(2001):
+            now[0] = tick / 100  # 2,001 refusals, one every 10 ms, over 20 s
+            refusals.count("hotkey X is not registered on this subnet")
+    lines = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 2 and "refused 1001 requests in 10s, most: hotkey X" in lines[0].getMessage()

@@ -11,13 +11,14 @@ annotation objects of the functions it is given.
 
 import time
 import typing
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Sequence
 
 import bittensor as bt
 import fastapi
+from bittensor.core.axon import create_error_response
 from bittensor.core.errors import SynapseException
-from starlette.types import Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from openai_miner.access import Access
 from openai_miner.core import Core, Question
@@ -37,6 +38,49 @@ class Axon(bt.Axon):
             return await super().verify_body_integrity(request)
         except (ValueError, TypeError) as error:  # JSON, UTF-8, field types, body-hash mismatch
             raise fastapi.HTTPException(400, f"invalid synapse body ({type(error).__name__})") from None
+
+
+class Refusals:
+    """Refusals counted, and logged as one summary line per ``every`` seconds instead of one each:
+    a stranger's flood must not write gigabytes of log."""
+
+    def __init__(self, every: float = 10.0, clock: typing.Callable[[], float] = time.monotonic) -> None:
+        self.every = every
+        self._clock = clock
+        self._since = clock()
+        self._reasons: Counter[str] = Counter()
+
+    def count(self, reason: str) -> None:
+        self._reasons[reason] += 1
+        now = self._clock()
+        if now - self._since >= self.every:
+            total, (example, _) = sum(self._reasons.values()), self._reasons.most_common(1)[0]
+            bt.logging.info(f"refused {total} requests in {now - self._since:.0f}s, most: {example}")
+            self._reasons.clear()
+            self._since = now
+
+
+class RefuseStrangers:
+    """An ASGI middleware before bittensor's: a hotkey the access policy refuses gets the same 403
+    bittensor would give, but before its middleware signs the request with the miner's hotkey
+    (an sr25519 signature per request) and logs an error line for it."""
+
+    def __init__(self, app: ASGIApp, access: Access, refusals: Refusals) -> None:
+        self.app = app
+        self.access = access
+        self.refusals = refusals
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            claimed = dict(scope["headers"]).get(b"bt_header_dendrite_hotkey")
+            refusal = self.access.refusal(claimed.decode("latin-1") if claimed else None)
+            if refusal is not None:
+                self.refusals.count(refusal.reason)
+                axon = bt.TerminalInfo(status_code=refusal.status, status_message=refusal.reason)
+                refused = StreamPromptingSynapse(roles=[], messages=[], axon=axon)
+                await create_error_response(refused)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def refuse(synapse: StreamPromptingSynapse, status: int, reason: str) -> SynapseException:

@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import bittensor as bt
 from dotenv import dotenv_values
 
+from openai_miner.messages import shown
+
 TRUE = frozenset({"1", "true", "yes", "on", "y", "t"})
 FALSE = frozenset({"0", "false", "no", "off", "n", "f", ""})
 
@@ -24,9 +26,7 @@ class ConfigError(ValueError):
     """A setting is missing, unreadable or has a bad value; the message says which and why."""
 
 
-def shown(value: str, limit: int = 16) -> str:
-    """A bad setting as an error message quotes it: cut short, since it may be a misplaced key."""
-    return repr(value if len(value) <= limit else value[:limit] + "...")
+SHOWN = 16  # characters of a bad setting an error quotes: it may be a misplaced key
 
 
 def str_to_bool(value: str | bool) -> bool:
@@ -38,7 +38,7 @@ def str_to_bool(value: str | bool) -> bool:
         return True
     if text in FALSE:
         return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, 1/0, yes/no), got {shown(str(value))}")
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, 1/0, yes/no), got {shown(value, SHOWN)}")
 
 
 def at_least(low: float, kind: Callable[[str], Any] = int, *, inclusive: bool = True) -> Callable[[str], Any]:
@@ -48,7 +48,7 @@ def at_least(low: float, kind: Callable[[str], Any] = int, *, inclusive: bool = 
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {shown(text)}") from None
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {shown(text, SHOWN)}") from None
         if value < low or (value == low and not inclusive):
             raise argparse.ArgumentTypeError(
                 f"must be {'at least' if inclusive else 'greater than'} {low:g}, got {text[:16]}"
@@ -71,7 +71,7 @@ def port_number(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {shown(text)}") from None
+        raise argparse.ArgumentTypeError(f"expected a port number, got {shown(text, SHOWN)}") from None
     problem = port_problem(value, any_free=True)
     if problem:
         raise argparse.ArgumentTypeError(f"{problem}, got {value}")
@@ -145,7 +145,7 @@ def apply_env(parser: argparse.ArgumentParser, env: Mapping[str, str]) -> None:
         try:
             action.default = convert(action, env[name])
         except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
-            raise ConfigError(f"environment variable {name}={shown(env[name])}: {exc}") from exc
+            raise ConfigError(f"environment variable {name}={shown(env[name], SHOWN)}: {exc}") from exc
         action.required = False
 
 
@@ -232,8 +232,8 @@ class Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = (action.help or "").split(". ")[0].rstrip(".")
-        shown = action.default not in (None, False, argparse.SUPPRESS, [], "") and action.nargs != 0
-        default = f" (default: {action.default})" if shown else ""
+        has_default = action.default not in (None, False, argparse.SUPPRESS, [], "") and action.nargs != 0
+        default = f" (default: {action.default})" if has_default else ""
         room = self.WIDTH - self.COLUMN - len(default) - 1
         if len(text) > room:
             text = text[: room - 1].rsplit(" ", 1)[0].rstrip(" ,;:(") + "…"

@@ -62,10 +62,6 @@ class Servers:
     async def _serve(self) -> None:
         await asyncio.gather(*(server.serve() for server in self.servers))
 
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def stop(self, grace: float) -> None:
         """Ask every server to exit; in-flight answers get ``grace`` seconds, then are cancelled."""
         for server in self.servers:

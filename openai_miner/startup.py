@@ -55,6 +55,16 @@ def keys_missing(wallet: bt.Wallet) -> list[str]:
     ]
 
 
+def make_keys(wallet: bt.Wallet) -> bt.Wallet:
+    """Give ``wallet`` the keys a miner or validator signs with, where missing: a hotkey, and a
+    coldkey's public half only (no coldkey: no secret phrase, nothing to spend)."""
+    if not wallet.coldkeypub_file.exists_on_device():
+        wallet.set_coldkeypub(Keypair.create_from_mnemonic(Keypair.generate_mnemonic()), encrypt=False, overwrite=False)
+    if not wallet.hotkey_file.exists_on_device():
+        wallet.create_new_hotkey(use_password=False, overwrite=False, suppress=True)
+    return wallet
+
+
 def mock_wallet(wallet: bt.Wallet) -> bt.Wallet:
     """The wallet a ``--mock`` run signs with, made if its keys are missing, announced, and harmless.
 
@@ -67,10 +77,7 @@ def mock_wallet(wallet: bt.Wallet) -> bt.Wallet:
         return wallet
     if os.path.normpath(os.path.expanduser(wallet.path)) == os.path.normpath(os.path.expanduser(DEFAULT_WALLETS)):
         wallet = bt.Wallet(name=wallet.name, hotkey=wallet.hotkey_str, path=MOCK_WALLETS)
-    if not wallet.coldkeypub_file.exists_on_device():
-        wallet.set_coldkeypub(Keypair.create_from_mnemonic(Keypair.generate_mnemonic()), encrypt=False, overwrite=False)
-    if not wallet.hotkey_file.exists_on_device():
-        wallet.create_new_hotkey(use_password=False, overwrite=False, suppress=True)
+    make_keys(wallet)
     bt.logging.warning(
         f"--mock: made a throwaway hotkey for wallet {wallet.name}/{wallet.hotkey_str} under "
         f"{os.path.expanduser(wallet.path)} (no coldkey written; it is for the mock chain only)"

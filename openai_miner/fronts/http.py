@@ -31,7 +31,6 @@ from openai_miner.sources.base import Sampling, Token
 from openai_miner.streaming import StreamResult, text_of
 from openai_miner.system_prompts import task_key
 
-SN1_TASKS = ("InferenceTask", "MSRv2Task", "WebRetrievalTask")
 UNTEMPLATED = frozenset({task_key("InferenceTask")})  # scored token by token against a reference model
 _json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 

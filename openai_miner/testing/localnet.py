@@ -15,7 +15,7 @@ import bittensor.utils.networking as networking
 from bittensor.core.chain_data import AxonInfo
 
 from openai_miner.chain import register_mock_neuron
-from openai_miner.startup import keys_missing
+from openai_miner.startup import make_keys
 
 NETUID = 1
 VALIDATOR_STAKE = 1000.0
@@ -41,11 +41,8 @@ def offline_ip(ip: str = "127.0.0.1") -> Iterator[None]:
 
 
 def make_wallet(path: str | Path, name: str) -> bt.Wallet:
-    """A wallet without passwords under ``path`` (created if its keys are missing)."""
-    wallet = bt.Wallet(name=name, hotkey="default", path=str(path))
-    if keys_missing(wallet):  # asked when the keys exist, it prints "already exists" even suppressed
-        wallet.create_if_non_existent(coldkey_use_password=False, hotkey_use_password=False, suppress=True)
-    return wallet
+    """A throwaway wallet under ``path``: its hotkey and coldkeypub, made if missing, no coldkey."""
+    return make_keys(bt.Wallet(name=name, hotkey="default", path=str(path)))
 
 
 def register_validator(

@@ -37,7 +37,7 @@ def serve_then_stop(tmp_path: Path, *argv: str) -> tuple[int, str]:
             if line.startswith("openai-miner |"):
                 break
         process.terminate()
-        code = process.wait(timeout=15)
+        code = process.wait(timeout=60)  # a loaded 2-core machine can take a while to stop uvicorn and torch
     finally:
         if process.poll() is None:
             process.kill()

@@ -36,9 +36,11 @@ LOADING = "requests that need it wait for it"  # LocalSource's once-per-load war
 
 
 def start_miner(
-    workdir: Path, upstream: str, model: str | None, flags: list[str]
+    workdir: Path, upstream: str, model: str | None, flags: list[str], access: Sequence[str] = OPEN_TO_ALL
 ) -> tuple["subprocess.Popen[str]", int]:
-    """The installed ``openai-miner`` command, as a user runs it, with a (fake) key set; and its port."""
+    """The installed ``openai-miner`` command, as a user runs it, with a (fake) key set; and its port.
+
+    ``access``: who may ask (by default any hotkey, since the benchmark's validators are on no chain)."""
     installed = Path(sys.executable).with_name("openai-miner")
     # Where the package is on PYTHONPATH but not installed (the GPU check), the same CLI as a module.
     command = [str(installed)] if installed.exists() else [sys.executable, "-m", "openai_miner.cli"]
@@ -48,7 +50,7 @@ def start_miner(
     argv = [
         *command,
         *miner_argv(
-            workdir / "wallets", port, "--openai.base_url", upstream, *OPEN_TO_ALL,
+            workdir / "wallets", port, "--openai.base_url", upstream, *access,
             *(["--fallback.model", model] if model else []), *flags,
         ),
     ]

@@ -37,6 +37,11 @@ def tokens_so_far(answer: Answer) -> list[int]:
     return counts
 
 
+def keypair(name: str) -> bt.Keypair:
+    """A fixed hotkey for a benchmark client (``"validator-0"``, ``"stranger"``), from its name's hash."""
+    return bt.Keypair.create_from_seed("0x" + hashlib.sha256(f"bench-{name}".encode()).hexdigest())
+
+
 KEEPALIVE_SECONDS = 4.0  # below uvicorn's 5 s: see the module's docstring
 
 
@@ -48,9 +53,8 @@ class Validators:
 
     def dendrite(self, index: int) -> bt.Dendrite:
         while len(self._dendrites) <= index:
-            seed = hashlib.sha256(f"bench-validator-{len(self._dendrites)}".encode()).hexdigest()
             with offline_ip():
-                dendrite = bt.Dendrite(wallet=bt.Keypair.create_from_seed("0x" + seed))
+                dendrite = bt.Dendrite(wallet=keypair(f"validator-{len(self._dendrites)}"))
             dendrite.external_ip = "bench-validator"  # not the axon's IP: dial 127.0.0.1, not 0.0.0.0
             dendrite._session = aiohttp.ClientSession(  # what ``Dendrite.session`` makes, but for the keep-alive
                 connector=aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_SECONDS)

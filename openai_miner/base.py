@@ -40,7 +40,7 @@ from openai_miner.config import (
 from openai_miner.fronts import http
 from openai_miner.fronts.axon import Axon, AxonGate, Refusals, RefuseStrangers, StreamingResponse
 from openai_miner.protocol import StreamPromptingSynapse
-from openai_miner.serving import Servers, harden, raise_file_limit
+from openai_miner.serving import Servers, StopRequest, harden, raise_file_limit
 from openai_miner.startup import (
     NotRegistered,
     StartupError,
@@ -89,7 +89,7 @@ class Miner(abc.ABC):
             config=self.config,
             external_ip=self.config.axon.external_ip or ("127.0.0.1" if self.config.mock else None),
         )
-        self._exit = threading.Event()
+        self.exit_request = StopRequest()  # the real command also wakes it on signals
         self._thread: threading.Thread | None = None
         self.servers: Servers | None = None
         self.is_running = False
@@ -275,19 +275,19 @@ class Miner(abc.ABC):
         """Start :meth:`run` in a daemon thread; returns once the axon listens."""
         if self._thread is not None:
             return
-        self._exit.clear()
+        self.exit_request.clear()
         self.start_axon()
         self._thread = threading.Thread(target=self.keep_synced, name="miner", daemon=True)
         self._thread.start()
 
     def keep_synced(self) -> None:
         """Refresh the registry every ``--neuron.sync_interval`` seconds until asked to exit."""
-        while not self._exit.wait(self.config.neuron.sync_interval):
+        while not self.exit_request.wait(self.config.neuron.sync_interval):
             self.sync()
 
     def request_exit(self) -> None:
-        """Ask :meth:`run` (or the background thread) to stop after the current wait."""
-        self._exit.set()
+        """Ask :meth:`run` (or the background thread) to stop; safe to call from a signal handler."""
+        self.exit_request.set()
 
     def stop_run_thread(self, grace: float = 1.0) -> None:
         """Stop serving and return once every front's port is free.
@@ -295,7 +295,7 @@ class Miner(abc.ABC):
         uvicorn waits for in-flight answers forever by default; a bounded grace period makes it
         cancel them, which also cancels their upstream requests and local generations.
         """
-        self._exit.set()
+        self.exit_request.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None

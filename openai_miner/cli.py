@@ -62,8 +62,32 @@ def stopped(miner: OpenAIMiner) -> str:
     return f"openai-miner: stopped after {answers} answers ({stats['tokens']} tokens)"
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # SIGTERM (pm2, systemd, docker stop) stops like Ctrl-C
+class Signals:
+    """SIGINT and SIGTERM (Ctrl-C, pm2, systemd, docker stop) for the real command.
+
+    Before the miner serves, a signal interrupts whatever is running, a model load included. Once
+    it serves, a signal only asks it to stop: an exception raised at an arbitrary point of the run
+    loop can leave a lock held, and the stop then hangs (it did, for a signal on the summary line).
+    """
+
+    def __init__(self) -> None:
+        self.miner: OpenAIMiner | None = None
+        self.received = False
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self)
+
+    def watch(self, miner: OpenAIMiner) -> None:
+        """Stop ``miner`` on a signal, even one the kernel gives a thread other than the main one."""
+        self.miner = miner
+        signal.set_wakeup_fd(miner.exit_request.fileno(), warn_on_full_buffer=False)
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.miner is None or not self.miner.is_running:
+            raise KeyboardInterrupt
+        self.received = True
+        self.miner.request_exit()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,14 +96,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from openai_miner import demo
 
         return demo.main(args[1:])
-    if argv is None:  # only the real command owns the process's signals
-        signal.signal(signal.SIGTERM, _interrupt)
+    signals = Signals()
+    own_signals = argv is None  # only the real command owns the process's signals
+    if own_signals:
+        signals.install()
     miner: OpenAIMiner | None = None
     try:
         config = OpenAIMiner.config(args, epilog=EPILOG)
-        if argv is None and not (config.logging.debug or config.logging.trace):
+        if own_signals and not (config.logging.debug or config.logging.trace):
             config.logging.info = True  # the real command says what it does: loading, serving, stopping
         miner = OpenAIMiner(config)
+        if own_signals:
+            signals.watch(miner)
         miner.start_axon()
     except (KeyboardInterrupt, ConfigError, StartupError) as error:
         code, message = exit_code(error)
@@ -95,11 +123,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # which otherwise stall every stream for 100-150 ms every ~130 requests (measured in bench/).
         gc.freeze()
         miner.keep_synced()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # called in-process (main(argv)), where the signals stay Python's
         return 0
     finally:
         miner.stop_run_thread()
         print(stopped(miner), file=sys.stderr, flush=True)
+    if signals.received:
+        return 0
     # keep_synced returns only when the miner itself asked to stop
     print(
         "openai-miner: stopped by the miner itself (--neuron.stop_on_forward_exception after a failed "

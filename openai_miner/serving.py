@@ -8,11 +8,52 @@ tasks. Stopping asks each to exit, with a bounded grace for answers in flight.
 
 import asyncio
 import resource
+import select
+import socket
 import threading
 
 import bittensor as bt
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+
+class StopRequest:
+    """A request to stop serving that a signal handler can make safely: one byte down a socket pair.
+
+    A handler runs on the main thread between two bytecodes. If it raises (``KeyboardInterrupt``)
+    it can land inside ``with lock:`` after the acquire and leave the lock held; if it sets a
+    ``threading.Event`` it can block on a lock its own thread holds. Either way the stop hangs. A
+    non-blocking ``send`` takes no lock, and ``select`` wakes the waiter at once.
+
+    A signal can also be delivered to another thread, and then never wakes a main thread blocked
+    in a wait: given to ``signal.set_wakeup_fd``, :meth:`fileno` makes every handled signal a stop.
+    """
+
+    def __init__(self) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self.fileno = self._writer.fileno
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def set(self) -> None:
+        try:
+            self._writer.send(b"\0")
+        except BlockingIOError:  # the pair is full of earlier requests: already set
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        """Whether a stop was requested, waiting at most ``timeout`` seconds for one."""
+        return bool(select.select([self._reader], [], [], timeout)[0])
+
+    def is_set(self) -> bool:
+        return self.wait(0)
+
+    def clear(self) -> None:
+        try:
+            while self._reader.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
 
 
 class IdleClosing(AutoHTTPProtocol):  # type: ignore[misc, valid-type]

@@ -38,7 +38,7 @@ from openai_miner.config import (
     tidy_help,
 )
 from openai_miner.fronts import http
-from openai_miner.fronts.axon import Axon, AxonGate, Refusals, RefuseStrangers, StreamingResponse
+from openai_miner.fronts.axon import Axon, AxonGate, LimitBody, Refusals, RefuseStrangers, StreamingResponse
 from openai_miner.protocol import StreamPromptingSynapse
 from openai_miner.serving import Servers, StopRequest, harden, raise_file_limit
 from openai_miner.startup import (
@@ -144,11 +144,15 @@ class Miner(abc.ABC):
         chain.add_argument(
             "--neuron.idle_seconds", type=at_least(0, float, inclusive=False), default=20.0,
             help="Close a connection silent this long, from its start or between requests (outlives a "
-            "dendrite's 15 s keep-alive).",
+            "dendrite's 15 s keep-alive), or still sending a request's headers after it.",
         )
         chain.add_argument(
             "--neuron.max_connections", type=at_least(1), default=1000,
             help="Connections and requests at once per front; more get HTTP 503 at once.",
+        )
+        chain.add_argument(
+            "--neuron.max_body_bytes", type=at_least(1024), default=2_000_000,
+            help="Refuse larger request bodies with HTTP 413 (both fronts), before reading them whole.",
         )
         front = group(parser, HTTP)
         add_bool(front, "--axon.off", default=False, help="Serve no axon: the HTTP front (--http.port) alone.")
@@ -228,7 +232,8 @@ class Miner(abc.ABC):
         servers: list[uvicorn.Server] = []
         if not settings.axon.off:
             self.axon.attach(forward_fn=self._prompt, blacklist_fn=self.blacklist, priority_fn=self.priority)
-            self.axon.app.add_middleware(RefuseStrangers, access=self.access, refusals=Refusals())
+            self.axon.app.add_middleware(LimitBody, max_bytes=settings.neuron.max_body_bytes)
+            self.axon.app.add_middleware(RefuseStrangers, access=self.access, refusals=Refusals())  # the outer one
             harden(self.axon.fast_config, idle=settings.neuron.idle_seconds, max_connections=settings.neuron.max_connections)
             servers.append(self.axon.fast_server)
         if settings.http.port is not None:

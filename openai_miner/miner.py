@@ -74,7 +74,7 @@ class OpenAIMiner(Miner):
             Authenticator(self.wallet.hotkey.ss58_address),
             models=self.core.source.models(),
             tasks=settings.tasks,
-            max_body_bytes=settings.max_body_bytes,
+            max_body_bytes=self.config.neuron.max_body_bytes,
         )
         return front.app
 

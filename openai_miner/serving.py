@@ -57,17 +57,42 @@ class StopRequest:
 
 
 class IdleClosing(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
-    """uvicorn's HTTP protocol, also closing a connection that sends nothing at all.
+    """uvicorn's HTTP protocol, also closing a connection that sends nothing, or sends headers too slowly.
 
     uvicorn times out idle keep-alive connections only after a first response: a client that
     connects and stays silent would hold a file descriptor forever, and enough of them lock
-    validators out. The same keep-alive timer now starts when the connection opens; the first
-    bytes cancel it, as they cancel it between requests.
+    validators out. The same keep-alive timer now starts when the connection opens. Any byte
+    cancels that timer, so a client sending a request's headers a byte at a time ("slowloris")
+    would hold the connection as long: a request's headers must all arrive within the same time.
     """
+
+    headers_due: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def data_received(self, data: bytes) -> None:
+        before = self.cycle  # uvicorn makes a new request cycle once a request's headers are in
+        super().data_received(data)
+        if self.cycle is not before:
+            self.headers_arrived()
+        elif (before is None or before.response_complete) and self.headers_due is None:
+            self.headers_due = self.loop.call_later(self.timeout_keep_alive, self.headers_too_slow)
+
+    def headers_arrived(self) -> None:
+        if self.headers_due is not None:
+            self.headers_due.cancel()
+            self.headers_due = None
+
+    def headers_too_slow(self) -> None:
+        self.headers_due = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.headers_arrived()
+        super().connection_lost(exc)
 
 
 def harden(config: uvicorn.Config, *, idle: float, max_connections: int) -> None:

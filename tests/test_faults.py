@@ -436,6 +436,43 @@ async def test_silent_connections_are_closed_and_validators_still_served(serve_m
         writer.close()
 
 
+async def closed_while_trickling(port: int, within: float) -> float | None:
+    """Send a request line, then a header that never ends, a byte every 0.2 s: seconds until the
+    miner closes the connection, or ``None`` if it is still open after ``within``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /StreamPromptingSynapse HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: ")
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < within:
+            writer.write(b"a")
+            try:
+                if await asyncio.wait_for(reader.read(1024), 0.2) == b"":
+                    return time.monotonic() - started
+            except asyncio.TimeoutError:
+                continue
+            except ConnectionError:
+                return time.monotonic() - started
+        return None
+    finally:
+        writer.close()
+
+
+async def test_headers_sent_a_byte_at_a_time_are_cut_off_and_validators_still_served(serve_miner, validator) -> None:
+    from openai_miner.testing.fake_source import FakeSource
+    from openai_miner.testing.localnet import free_port
+
+    miner = serve_miner(
+        "--neuron.idle_seconds", "1", "--http.port", str(free_port()), source=FakeSource(TOKENS)
+    )
+    ports = [miner.axon.port] * 10 + [miner.config.http.port] * 10
+    slow = asyncio.gather(*(closed_while_trickling(port, within=4.0) for port in ports))
+    async with bt.Dendrite(wallet=validator) as dendrite:
+        answer = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=TIMEOUT)
+    assert answer.status == 200 and answer.text == FULL
+    closed_after = await slow
+    assert None not in closed_after and max(closed_after) < 2.5, closed_after  # bytes kept coming: cut at ~1 s
+
+
 async def test_over_the_connection_cap_a_new_request_gets_503(serve_miner) -> None:
     import httpx
 
@@ -503,3 +540,30 @@ def test_refusals_are_logged_as_one_summary_line(caplog) -> None:
             refusals.count("hotkey X is not registered on this subnet")
     lines = [r for r in caplog.records if "refused" in r.getMessage()]
     assert len(lines) == 2 and "refused 1001 requests in 10s, most: hotkey X" in lines[0].getMessage()
+
+
+# -- bodies too large ----------------------------------------------------------------------------------
+
+
+async def test_a_body_over_the_cap_gets_413_before_bittensor_reads_it(serve_miner, validator) -> None:
+    from openai_miner.testing.fake_source import FakeSource
+
+    source = FakeSource(TOKENS)
+    miner = serve_miner("--neuron.max_body_bytes", "100000", source=source)
+    async with bt.Dendrite(wallet=validator) as dendrite:
+        big = await ask(dendrite, miner.axon, ["user"], ["x" * 200_000], timeout=TIMEOUT)
+        small = await ask(dendrite, miner.axon, ["user"], ["x" * 50_000], timeout=TIMEOUT)  # passes, replayed
+    assert big.status == 413 and "over 100000 bytes" in big.message, (big.status, big.message)
+    assert small.status == 200 and small.text == FULL
+
+    async def chunks():  # no Content-Length: counted as it comes
+        for _ in range(30):
+            yield b"x" * 10_000
+
+    async with httpx.AsyncClient() as client:
+        response = await client.post(
+            f"http://127.0.0.1:{miner.axon.port}/StreamPromptingSynapse", content=chunks(),
+            headers={"bt_header_dendrite_hotkey": validator.hotkey.ss58_address},
+        )
+    assert response.status_code == 413
+    assert len(source.seen) == 1  # only the small one reached the model

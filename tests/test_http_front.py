@@ -177,7 +177,7 @@ BODY = json.dumps({"model": "any", "messages": MESSAGES, "stream": True}).encode
 @pytest.fixture
 def refusing(serve_http, validator):
     source = FakeSource(WORDS)
-    miner = serve_http("--blacklist.max_requests_per_minute", "2", "--http.max_body_bytes", "4096", source=source)
+    miner = serve_http("--blacklist.max_requests_per_minute", "2", "--neuron.max_body_bytes", "4096", source=source)
     yield miner
     assert source.seen == []  # no refused request reached the model
 

@@ -47,10 +47,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "always so with --axon.off.",
     )
     parser.add_argument(
-        "--http.max_body_bytes", type=at_least(1024), default=2_000_000,
-        help="Refuse larger request bodies with HTTP 413, before reading them.",
-    )
-    parser.add_argument(
         "--http.tasks", type=str, nargs="*", default=["InferenceTask", "MSRv2Task"], metavar="TASK",
         help="Tasks /availability says this miner takes (WebRetrievalTask needs live web search).",
     )

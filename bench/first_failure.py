@@ -58,6 +58,14 @@ def start_miner(
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env, text=True), port
 
 
+def add_miner_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of every benchmark that starts the real miner with a local model: which model, how
+    long it may take to start, where the results go."""
+    parser.add_argument("--model", default=None, help="--fallback.model (default: the miner's own)")
+    parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a miner to start serving")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output directory")
+
+
 def wait_ready(process: "subprocess.Popen[str]", log: Path, timeout: float) -> None:
     """Return once the miner prints its summary line (it serves); raise with its log's tail if it never does."""
     end = time.monotonic() + timeout
@@ -152,11 +160,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="fresh miners per mode")
     parser.add_argument("--validators", type=int, default=2, help="validators asking at once")
     parser.add_argument("--timeout", type=float, default=60.0, help="each validator's timeout (s)")
-    parser.add_argument("--model", default=None, help="--fallback.model (default: the miner's own)")
     parser.add_argument("--question", default="What is the capital of France?")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
-    parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a miner to start serving")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output directory")
+    add_miner_args(parser)
     args = parser.parse_args(argv)
     if args.runs < 1 or args.validators < 1 or args.timeout <= 0:
         parser.error("runs and validators must be positive, and so must the timeout")

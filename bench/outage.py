@@ -26,7 +26,7 @@ import numpy as np
 
 from bench import procstat
 from bench.record import Started, header, save
-from bench.first_failure import start_miner, wait_ready
+from bench.first_failure import add_miner_args, start_miner, wait_ready
 from bench.validators import Validators
 from openai_miner.testing.localnet import axon_info
 from openai_miner.testing.upstream import Fault, LoopbackUpstream
@@ -119,11 +119,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.outage", description=__doc__.splitlines()[0])
     parser.add_argument("--validators", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--timeout", type=float, default=20.0, help="each validator's timeout (s)")
-    parser.add_argument("--model", default=None, help="--fallback.model (default: the miner's own)")
     parser.add_argument("--device", default=None, help="--fallback.device (default: the miner's own)")
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
-    parser.add_argument("--start-timeout", type=float, default=300.0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    add_miner_args(parser)
     return parser.parse_args(argv)
 
 

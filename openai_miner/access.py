@@ -44,6 +44,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "whitelisted hotkeys are not limited).",
     )
     parser.add_argument(
+        "--blacklist.max_refusals_per_second", type=at_least(0, float), default=20.0,
+        help="A source address refused more often than this is cut off for 10 s: its connections are "
+        "closed unread (0 = never).",
+    )
+    parser.add_argument(
         "--neuron.prompt_cache_seconds", type=at_least(0, float), default=0.0,
         help="Refuse a conversation repeated within this many seconds (0 = off).",
     )
@@ -149,16 +154,72 @@ class Refusal:
     reason: str
 
 
+class Offenders:
+    """Source addresses refused more than ``per_second`` times a second, sustained (a burst of
+    twice that passes), cut off for ``cooldown`` seconds: the fronts close their connections unread.
+
+    A refusal still costs the miner a parsed request and a response, about 0.3 ms on the event
+    loop every validator shares; a flood of them at thousands a second starves the validators. A
+    connection closed before it is read costs a fraction of that. Keyed by address, not hotkey:
+    a claimed hotkey costs an attacker nothing to change. Used from the serving loop's thread only.
+    """
+
+    def __init__(
+        self, per_second: float, cooldown: float = 10.0, clock: Callable[[], float] = time.monotonic, capacity: int = 100_000
+    ) -> None:
+        self.per_second = per_second
+        self.cooldown = cooldown
+        self._clock = clock
+        self._capacity = capacity
+        self._allowance: dict[str, tuple[float, float]] = {}  # address -> (refusals left, when), oldest first
+        self._until: dict[str, float] = {}  # address -> end of its cut-off
+
+    def refused(self, address: str | None) -> None:
+        """Count a refusal of a request from ``address``; past the rate, cut the address off."""
+        if self.per_second <= 0 or not address:
+            return
+        now, burst = self._clock(), 2 * self.per_second
+        left, then = self._allowance.pop(address, (burst, now))
+        left = min(burst, left + (now - then) * self.per_second) - 1
+        if left >= 0:
+            self._allowance[address] = (left, now)
+            while len(self._allowance) > self._capacity:
+                del self._allowance[next(iter(self._allowance))]
+            return
+        self._until[address] = now + self.cooldown
+        bt.logging.warning(
+            f"cut off {address} for {self.cooldown:g}s: refused more than {self.per_second:g} times a second"
+        )
+
+    def cut_off(self, address: str | None) -> bool:
+        """Whether connections from ``address`` are to be closed unread now."""
+        if not self._until or address is None:
+            return False
+        until = self._until.get(address)
+        if until is None:
+            return False
+        if self._clock() < until:
+            return True
+        del self._until[address]
+        return False
+
+
 class Access:
     """The policy, the registry snapshot it reads, and the per-hotkey limits, for every front."""
 
     def __init__(
-        self, policy: AccessPolicy, registry: Registry, limiter: RateLimiter, recent: RecentPrompts
+        self,
+        policy: AccessPolicy,
+        registry: Registry,
+        limiter: RateLimiter,
+        recent: RecentPrompts,
+        offenders: Offenders | None = None,
     ) -> None:
         self.policy = policy
         self.registry = registry
         self.limiter = limiter
         self.recent = recent
+        self.offenders = offenders or Offenders(0)
 
     @classmethod
     def from_config(cls, config: bt.Config, registry: Registry) -> "Access":
@@ -167,6 +228,7 @@ class Access:
             registry,
             RateLimiter(config.blacklist.max_requests_per_minute),
             RecentPrompts(config.neuron.prompt_cache_seconds),
+            Offenders(config.blacklist.max_refusals_per_second),
         )
 
     def refusal(self, hotkey: str | None) -> Refusal | None:

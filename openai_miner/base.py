@@ -10,8 +10,10 @@ annotation objects of ``forward``/``blacklist``/``priority``.
 
 import abc
 import argparse
+import logging
 import threading
 import typing
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import bittensor as bt
@@ -52,6 +54,24 @@ from openai_miner.startup import (
 )
 
 
+class OwnLines(logging.Filter):
+    """bittensor's debug format labels every line ``bittensor:<file>``, the miner's own lines too
+    (``bittensor:miner.py``): lines logged from this package are labelled ``openai_miner`` instead."""
+
+    PACKAGE = str(Path(__file__).resolve().parent)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.pathname.startswith(self.PACKAGE):
+            record.name = "openai_miner"
+        return True
+
+
+def label_own_lines() -> None:
+    logger = logging.getLogger("bittensor")
+    if not any(isinstance(existing, OwnLines) for existing in logger.filters):
+        logger.addFilter(OwnLines())
+
+
 class Miner(abc.ABC):
     """A subnet-1 miner: subclass and implement :meth:`forward` and :meth:`prompt`."""
 
@@ -66,6 +86,7 @@ class Miner(abc.ABC):
         self.config = config if config is not None else type(self).config()
         if self.config.get("logging"):
             bt.logging.set_config(self.config.logging)
+        label_own_lines()
         netuid = self.config.netuid
         self.wallet = wallet or bt.Wallet(config=self.config)
         if self.config.mock:
@@ -230,18 +251,22 @@ class Miner(abc.ABC):
         self.check_registered()
         self.check_ports()
         servers: list[uvicorn.Server] = []
+        hardening = dict(
+            idle=settings.neuron.idle_seconds, max_connections=settings.neuron.max_connections,
+            offenders=self.access.offenders,
+        )
         if not settings.axon.off:
             self.axon.attach(forward_fn=self._prompt, blacklist_fn=self.blacklist, priority_fn=self.priority)
-            self.axon.app.add_middleware(LimitBody, max_bytes=settings.neuron.max_body_bytes)
+            self.axon.app.add_middleware(LimitBody, max_bytes=settings.neuron.max_body_bytes, access=self.access)
             self.axon.app.add_middleware(RefuseStrangers, access=self.access, refusals=Refusals())  # the outer one
-            harden(self.axon.fast_config, idle=settings.neuron.idle_seconds, max_connections=settings.neuron.max_connections)
+            harden(self.axon.fast_config, **hardening)
             servers.append(self.axon.fast_server)
         if settings.http.port is not None:
             app = self.http_app()
             if app is None:
                 raise StartupError(f"{type(self).__name__} has no HTTP front: drop --http.port")
             config = uvicorn.Config(app, host=settings.http.host, port=settings.http.port, log_level="warning")
-            harden(config, idle=settings.neuron.idle_seconds, max_connections=settings.neuron.max_connections)
+            harden(config, **hardening)
             servers.append(uvicorn.Server(config))
         if not settings.mock:
             if settings.axon.off or settings.http.advertise:

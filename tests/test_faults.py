@@ -280,7 +280,7 @@ async def test_real_local_model_answers_the_first_failing_requests_lazy_or_prelo
     serve_miner, chain, wallets, monkeypatch, preload: str
 ) -> None:
     """The reported case: key set, upstream 500, two validators at 60 s, SmolLM2 on CPU."""
-    from openai_miner.sources.local import default_model
+    from openai_miner.sources.local_model import default_model
 
     model = default_model()
     if model is None:

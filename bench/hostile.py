@@ -145,8 +145,9 @@ async def many_messages(port: int, axon: bt.AxonInfo, stop: Any) -> dict[str, An
     return {"requests": sum(got.values()), "got": dict(got), "seconds_each_p50": percentile(times, 50)}
 
 
-def attack(kind: str, port: int, hotkey: str, coldkey: str, stop: Any, results: Any) -> None:
-    """The attack process: run ``kind`` until ``stop`` is set, then put what it saw on ``results``."""
+def attack(kind: str, port: int, hotkey: str, coldkey: str, ready: Any, stop: Any, results: Any) -> None:
+    """The attack process: once its imports are done it sets ``ready`` and runs ``kind`` until
+    ``stop`` is set, then puts what it saw on ``results``."""
     axon = axon_info(port, hotkey, coldkey)
     runs: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {
         "flood": lambda: flood(port, axon, stop),
@@ -154,6 +155,7 @@ def attack(kind: str, port: int, hotkey: str, coldkey: str, stop: Any, results: 
         "slow headers": lambda: hold_open(port, SLOW_SOCKETS, stop, slow=True, address=ADDRESSES["slow headers"]),
         "100k messages": lambda: many_messages(port, axon, stop),
     }
+    ready.set()
     results.put(asyncio.run(runs[kind]()))
     results.close()
     results.join_thread()  # the figures are in the pipe
@@ -216,11 +218,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             async def validators_during(kind: str) -> dict[str, Any]:
                 validators = Validators()
-                stop, results = context.Event(), context.Queue()
+                ready, stop, results = context.Event(), context.Event(), context.Queue()
                 attacker = None
                 if kind != "quiet":
-                    attacker = context.Process(target=attack, args=(kind, port, hotkey, coldkey, stop, results))
+                    attacker = context.Process(target=attack, args=(kind, port, hotkey, coldkey, ready, stop, results))
                     attacker.start()
+                    if not await asyncio.to_thread(ready.wait, 120):  # a fresh process: imports take seconds
+                        raise RuntimeError(f"the {kind} attack did not start")
                     await asyncio.sleep(args.ramp)  # the attack is under way before anyone asks
                 cpu, started = procstat.cpu_seconds(process.pid), time.monotonic()
                 try:

@@ -36,11 +36,11 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import aiohttp
 import bittensor as bt
-import numpy as np
 
 from bench import procstat
 from bench.first_failure import add_miner_args, start_miner, wait_ready
 from bench.record import Started, header, save
+from bench.stats import first_chunk_s, median
 from bench.validators import Validators, keypair
 from openai_miner.protocol import StreamPromptingSynapse
 from openai_miner.testing.localnet import axon_info, offline_ip
@@ -58,10 +58,6 @@ MESSAGES = 100_000
 STALLED_VALIDATORS = 6
 SENDER = "sender"  # the whitelisted validator sending the 100,000 messages
 LOADED = re.compile(r"\bloaded \S+ on \w+ \(")  # the local model's line once it is loaded
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 3) if values else None
 
 
 # --- the attacks, each in its own process until ``stop`` is set; each returns what it saw ---
@@ -142,7 +138,8 @@ async def many_messages(port: int, axon: bt.AxonInfo, stop: Any) -> dict[str, An
             times.append(answer.ended - answer.started)
     finally:
         await sender.aclose_session()
-    return {"requests": sum(got.values()), "got": dict(got), "seconds_each_p50": percentile(times, 50)}
+    each = median(times)
+    return {"requests": sum(got.values()), "got": dict(got), "seconds_each_p50": None if each is None else round(each, 3)}
 
 
 def attack(kind: str, port: int, hotkey: str, coldkey: str, ready: Any, stop: Any, results: Any) -> None:
@@ -175,14 +172,13 @@ async def ask_in_turn(validators: Validators, axon: bt.AxonInfo, asks: int, time
     return first + second
 
 
-def figures(answers: list[Answer], expected: str | None = None) -> dict[str, Any]:
-    firsts = [a.first_chunk for a in answers if a.first_chunk is not None]
+def figures(answers: list[Answer], upstreams: str) -> dict[str, Any]:
     return {
         "asked": len(answers),
         "answered_with_text": sum(a.ok for a in answers),
         # from the local model: text, but not the upstream's
-        "answered_locally": None if expected is None else sum(a.ok and a.text != expected for a in answers),
-        "first_chunk_s": {"p50": percentile(firsts, 50), "p99": percentile(firsts, 99)},
+        "answered_locally": sum(a.ok and a.text != upstreams for a in answers),
+        "first_chunk_s": first_chunk_s(answers),
         "errors": Counter(a.error or f"HTTP {a.status}" for a in answers if not a.ok).most_common(3),
     }
 
@@ -199,6 +195,7 @@ def loaded(log: Path, timeout: float) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     answer = [f"t{i} " for i in range(args.tokens)]
+    upstreams = "".join(answer)
     whitelist = [keypair(f"validator-{i}").ss58_address for i in range(STALLED_VALIDATORS)]
     access = ["--blacklist.whitelist", *whitelist, keypair(SENDER).ss58_address]
     flags = ["--fallback.device", args.device] if args.device else []
@@ -228,7 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     await asyncio.sleep(args.ramp)  # the attack is under way before anyone asks
                 cpu, started = procstat.cpu_seconds(process.pid), time.monotonic()
                 try:
-                    case = figures(await ask_in_turn(validators, axon, args.asks, args.timeout), "".join(answer))
+                    case = figures(await ask_in_turn(validators, axon, args.asks, args.timeout), upstreams)
                 finally:
                     await validators.close()
                 case["miner_cpu_s"] = round(procstat.cpu_seconds(process.pid) - cpu, 2)
@@ -249,7 +246,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 finally:
                     await validators.close()
                     upstream.fault = None
-                return figures(list(answers), "".join(answer))
+                return figures(list(answers), upstreams)
 
             async def everything() -> None:
                 warm = Validators()  # the first answers of a fresh process are slower: not measured

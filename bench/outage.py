@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import bittensor as bt
-import numpy as np
 
 from bench import procstat
 from bench.record import Started, header, save
 from bench.first_failure import add_miner_args, start_miner, wait_ready
+from bench.stats import first_chunk_s
 from bench.validators import Validators
 from openai_miner.testing.localnet import axon_info
 from openai_miner.testing.upstream import Fault, LoopbackUpstream
@@ -34,10 +34,6 @@ from openai_miner.testing.upstream import Fault, LoopbackUpstream
 MODES = {"batched": [], "one at a time": ["--fallback.max_batch", "1"]}
 QUESTION = "Write a haiku about rivers."
 SENT = re.compile(r": (\d+) tokens in \d+ chunks via")  # the core's line for each answer (debug level)
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 3) if values else None
 
 
 async def ask_all(validators: Validators, axon: object, count: int, args: argparse.Namespace, offset: int) -> list[Any]:
@@ -74,11 +70,10 @@ def run_mode(mode: str, args: argparse.Namespace, upstream: str) -> dict[str, An
                         with log.open() as stream:
                             stream.seek(logged)
                             tokens = sum(int(found) for found in SENT.findall(stream.read()))
-                        firsts = [a.first_chunk for a in answers if a.first_chunk is not None]
                         cases[str(count)] = {
                             "asked": count,
                             "answered_with_text": sum(a.ok for a in answers),
-                            "first_chunk_s": {"p50": percentile(firsts, 50), "p99": percentile(firsts, 99)},
+                            "first_chunk_s": first_chunk_s(answers),
                             "wall_s": round(wall, 2),
                             "local_tokens_per_s": round(tokens / wall, 1),
                             "example": next((a.text.strip() for a in answers if a.ok), ""),

@@ -68,6 +68,15 @@ def ms_percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": round(float(p50), 3), "p99": round(float(p99), 3), "n": len(values)}
 
 
+def first_chunk_s(answers: Iterable[Answer]) -> dict[str, float | None]:
+    """p50 and p99 of the validators' time to first chunk, in seconds (None without one)."""
+    firsts = [answer.first_chunk for answer in answers if answer.first_chunk is not None]
+    if not firsts:
+        return {"p50": None, "p99": None}
+    p50, p99 = np.percentile(firsts, [50, 99])
+    return {"p50": round(float(p50), 3), "p99": round(float(p99), 3)}
+
+
 def median(values: Iterable[float | None]) -> float | None:
     present = [value for value in values if value is not None]
     return statistics.median(present) if present else None

@@ -40,7 +40,7 @@ from openai_miner.config import (
     tidy_help,
 )
 from openai_miner.fronts import http
-from openai_miner.fronts.axon import Axon, AxonGate, LimitBody, Refusals, RefuseStrangers, StreamingResponse
+from openai_miner.fronts.axon import Axon, AxonDoor, AxonGate, Refusals, StreamingResponse
 from openai_miner.protocol import StreamPromptingSynapse
 from openai_miner.serving import Servers, StopRequest, harden, raise_file_limit
 from openai_miner.startup import (
@@ -257,8 +257,9 @@ class Miner(abc.ABC):
         )
         if not settings.axon.off:
             self.axon.attach(forward_fn=self._prompt, blacklist_fn=self.blacklist, priority_fn=self.priority)
-            self.axon.app.add_middleware(LimitBody, max_bytes=settings.neuron.max_body_bytes, access=self.access)
-            self.axon.app.add_middleware(RefuseStrangers, access=self.access, refusals=Refusals())  # the outer one
+            self.axon.app.add_middleware(
+                AxonDoor, access=self.access, refusals=Refusals(), max_bytes=settings.neuron.max_body_bytes
+            )
             harden(self.axon.fast_config, **hardening)
             servers.append(self.axon.fast_server)
         if settings.http.port is not None:

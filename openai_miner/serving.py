@@ -49,9 +49,6 @@ class StopRequest:
         """Whether a stop was requested, waiting at most ``timeout`` seconds for one."""
         return bool(select.select([self._reader], [], [], timeout)[0])
 
-    def is_set(self) -> bool:
-        return self.wait(0)
-
     def clear(self) -> None:
         try:
             while self._reader.recv(4096):

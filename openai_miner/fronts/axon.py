@@ -71,57 +71,54 @@ def refusal(status: int, reason: str) -> ASGIApp:
     return create_error_response(StreamPromptingSynapse(roles=[], messages=[], axon=axon))
 
 
-class RefuseStrangers:
-    """An ASGI middleware before bittensor's: a hotkey the access policy refuses gets the same 403
-    bittensor would give, but before its middleware signs the request with the miner's hotkey
-    (an sr25519 signature per request) and logs an error line for it."""
+class AxonDoor:
+    """An ASGI middleware before bittensor's, turning away from the headers alone what bittensor
+    would turn away only after its own work.
 
-    def __init__(self, app: ASGIApp, access: Access, refusals: Refusals) -> None:
+    - A hotkey the access policy refuses (or none: an unsigned request) gets the 403 bittensor
+      would give, but before its middleware signs the request with the miner's hotkey (an sr25519
+      signature per request) and logs an error line for it.
+    - A body declared over ``max_bytes`` gets 413 before bittensor reads it whole into memory (a
+      50 MB body cost the process 282 MB, never given back). One of undeclared length (chunked)
+      gets 411: a dendrite always sends ``Content-Length``, and uvicorn holds a body to the length
+      declared. Nothing is read here, so bittensor still checks the signature and nonce before the
+      body arrives (reading it first let a validator's small request overtake its large one, whose
+      nonce was then too old).
+
+    Every refusal counts against the caller's address (:class:`~openai_miner.access.Offenders`).
+    """
+
+    def __init__(self, app: ASGIApp, access: Access, refusals: Refusals, max_bytes: int) -> None:
         self.app = app
         self.access = access
         self.refusals = refusals
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            claimed = dict(scope["headers"]).get(b"bt_header_dendrite_hotkey")
-            refused = self.access.refusal(claimed.decode("latin-1") if claimed else None)
-            if refused is not None:
-                self.refusals.count(refused.reason)
-                self.access.offenders.refused(client_address(scope))
-                await refusal(refused.status, refused.reason)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-class LimitBody:
-    """An ASGI middleware before bittensor's: a body declared over ``max_bytes`` gets 413 before
-    bittensor reads it whole into memory (a 50 MB body cost the process 282 MB, never given back).
-
-    A body of undeclared length (chunked) gets 411: a dendrite always sends ``Content-Length``, and
-    uvicorn holds a body to the length declared. Nothing is read here, so bittensor still checks
-    the signature and nonce before the body arrives (reading it first let a validator's small
-    request overtake its large one, whose nonce was then too old).
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int, access: Access) -> None:
-        self.app = app
         self.max_bytes = max_bytes
-        self.access = access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             headers = dict(scope["headers"])
-            declared = headers.get(b"content-length")
-            refused = None
-            if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-                refused = refusal(413, f"request body over {self.max_bytes} bytes")
-            elif b"transfer-encoding" in headers:
-                refused = refusal(411, "a body needs a Content-Length")
+            refused = self.stranger(headers) or self.unbounded(headers)
             if refused is not None:
                 self.access.offenders.refused(client_address(scope))
                 await refused(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    def stranger(self, headers: dict[bytes, bytes]) -> ASGIApp | None:
+        claimed = headers.get(b"bt_header_dendrite_hotkey")
+        refused = self.access.refusal(claimed.decode("latin-1") if claimed else None)
+        if refused is None:
+            return None
+        self.refusals.count(refused.reason)
+        return refusal(refused.status, refused.reason)
+
+    def unbounded(self, headers: dict[bytes, bytes]) -> ASGIApp | None:
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return refusal(413, f"request body over {self.max_bytes} bytes")
+        if b"transfer-encoding" in headers:
+            return refusal(411, "a body needs a Content-Length")
+        return None
 
 
 def refuse(synapse: StreamPromptingSynapse, status: int, reason: str) -> SynapseException:

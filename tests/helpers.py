@@ -1,6 +1,8 @@
 """What several test modules share: an ASGI send that records, and the fault tests' vocabulary."""
 
 import asyncio
+import gc
+import inspect
 import os
 import re
 import time
@@ -94,3 +96,22 @@ def is_upstream_prefix(text: str) -> bool:
 
 def is_local(text: str) -> bool:
     return bool(text.strip()) and UPSTREAM_WORD.search(text) is None
+
+
+HTTP_STACK = ("openai", "httpx", "httpcore", "langchain_openai", "langchain_core")
+
+
+def unfinished_http_generators() -> list[str]:
+    """Async generators of the upstream's HTTP stack that were started and never finished.
+
+    Nothing closes such a generator but the garbage collector, at its next pass, from whatever
+    thread that pass runs in.
+    """
+    return [
+        found.__qualname__
+        for found in gc.get_objects()
+        if inspect.isasyncgen(found)
+        and found.ag_frame is not None
+        and found.ag_frame.f_lasti >= 0
+        and found.ag_frame.f_globals.get("__name__", "").split(".")[0] in HTTP_STACK
+    ]

@@ -1,6 +1,7 @@
 """The OpenAI source against a loopback OpenAI-compatible server: streaming, retries, deadlines."""
 
 import asyncio
+import gc
 import time
 
 import pytest
@@ -10,7 +11,7 @@ from openai_miner.testing.upstream import Fault, LoopbackUpstream
 from openai_miner.sources.base import UpstreamError
 from openai_miner.sources.openai import OpenAISource, chat_openai
 from openai_miner.streaming import stream_answer
-from tests.helpers import Recorder
+from tests.helpers import Recorder, unfinished_http_generators
 
 TOKENS = [f"w{i} " for i in range(25)]
 MESSAGES = [SystemMessage("be brief"), HumanMessage("hello")]
@@ -129,3 +130,38 @@ async def test_deadline_closes_the_upstream_request() -> None:
     assert result.outcome == "deadline" and 2 <= result.tokens <= 5
     assert send.text == "".join(TOKENS[: result.tokens])  # flushed although under one batch
     assert recorded.disconnected and not recorded.finished
+
+
+async def test_an_answer_cut_anywhere_closes_its_whole_http_stream() -> None:
+    """Cut at any point, by its deadline or a hang-up, an answer leaves nothing for the collector.
+
+    A generator left suspended is closed at the garbage collector's next pass, from whatever
+    thread that runs in (the local model's, mid-forward): the soak once showed ``ValueError: async
+    generator already executing`` from such a late close of httpx's response stream. LangChain's
+    per-chunk timer left 77 behind for 40 answers cut by their deadline (a chunk's task done, the
+    cut between chunks, and closing the outer iterator does not close those it iterates).
+    """
+    tokens = [f"w{i} " for i in range(400)]
+    cuts = [0.02 + 0.01 * i for i in range(40)]  # before the first token, then ever later
+
+    async def hung_up(src: OpenAISource, after: float) -> None:
+        answer = asyncio.ensure_future(run(src))
+        await asyncio.sleep(after)
+        answer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await answer
+
+    gc.collect()
+    gc.disable()  # keep what is left behind where this test can count it
+    try:
+        with LoopbackUpstream(tokens=tokens, interval=0.002) as up:
+            src = source(up)
+            src.model.max_tokens = 512
+            results = await asyncio.gather(*(run(src, deadline_in=cut, batch=8) for cut in cuts))
+            await asyncio.gather(*(hung_up(src, cut) for cut in cuts))
+            await asyncio.sleep(0.1)  # every cancellation delivered
+            left = unfinished_http_generators()
+    finally:
+        gc.enable()
+    assert [result.outcome for _, result in results] == ["deadline"] * len(cuts)
+    assert left == [], sorted(set(left))

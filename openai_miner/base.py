@@ -165,7 +165,7 @@ class Miner(abc.ABC):
         chain.add_argument(
             "--neuron.idle_seconds", type=at_least(0, float, inclusive=False), default=20.0,
             help="Close a connection silent this long, from its start or between requests (outlives a "
-            "dendrite's 15 s keep-alive), or still sending a request's headers after it.",
+            "dendrite's 15 s keep-alive), or still sending a request (headers or body) after it.",
         )
         chain.add_argument(
             "--neuron.max_connections", type=at_least(1), default=1000,

@@ -58,16 +58,17 @@ class StopRequest:
 
 
 class IdleClosing(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
-    """uvicorn's HTTP protocol, also closing a connection that sends nothing, or sends headers too slowly.
+    """uvicorn's HTTP protocol, also closing a connection that sends nothing, or sends a request too slowly.
 
     uvicorn times out idle keep-alive connections only after a first response: a client that
     connects and stays silent would hold a file descriptor forever, and enough of them lock
     validators out. The same keep-alive timer now starts when the connection opens. Any byte
-    cancels that timer, so a client sending a request's headers a byte at a time ("slowloris")
-    would hold the connection as long: a request's headers must all arrive within the same time.
+    cancels that timer, so a client sending a request a byte at a time ("slowloris"), in its
+    headers or in the body they announce, would hold the connection as long: a request, headers
+    and body, must all arrive within the same time from its first byte.
     """
 
-    headers_due: asyncio.TimerHandle | None = None
+    request_due: asyncio.TimerHandle | None = None
     turned_away = False
 
     def __init__(self, *args: Any, offenders: Offenders, **kwargs: Any) -> None:
@@ -88,27 +89,32 @@ class IdleClosing(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         if self.offenders.cut_off(self.peer):  # cut off while this connection was open: unread
             self.transport.abort()
             return
-        before = self.cycle  # uvicorn makes a new request cycle once a request's headers are in
+        starts_a_request = self.cycle is None or self.cycle.response_complete
         super().data_received(data)
-        if self.cycle is not before:
-            self.headers_arrived()
-        elif (before is None or before.response_complete) and self.headers_due is None:
-            self.headers_due = self.loop.call_later(self.timeout_keep_alive, self.headers_too_slow)
+        if self.received():
+            self.request_in()
+        elif starts_a_request and self.request_due is None:
+            self.request_due = self.loop.call_later(self.timeout_keep_alive, self.request_too_slow)
 
-    def headers_arrived(self) -> None:
-        if self.headers_due is not None:
-            self.headers_due.cancel()
-            self.headers_due = None
+    def received(self) -> bool:
+        """Whether the request being answered is all in: uvicorn has its headers and whole body."""
+        cycle = self.cycle
+        return cycle is not None and not cycle.response_complete and not cycle.more_body
 
-    def headers_too_slow(self) -> None:
-        self.headers_due = None
+    def request_in(self) -> None:
+        if self.request_due is not None:
+            self.request_due.cancel()
+            self.request_due = None
+
+    def request_too_slow(self) -> None:
+        self.request_due = None
         if not self.transport.is_closing():
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.turned_away:
             return
-        self.headers_arrived()
+        self.request_in()
         super().connection_lost(exc)
 
 

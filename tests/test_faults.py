@@ -436,11 +436,20 @@ async def test_silent_connections_are_closed_and_validators_still_served(serve_m
         writer.close()
 
 
-async def closed_while_trickling(port: int, within: float) -> float | None:
-    """Send a request line, then a header that never ends, a byte every 0.2 s: seconds until the
-    miner closes the connection, or ``None`` if it is still open after ``within``."""
+SLOW_HEADER = b"POST /StreamPromptingSynapse HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: "  # never ends
+
+
+def slow_body(path: str, *headers: str) -> bytes:
+    """Whole headers announcing a body of 100 kB, which then comes a byte at a time."""
+    lines = [f"POST {path} HTTP/1.1", "host: 127.0.0.1", "content-type: application/json", *headers]
+    return ("\r\n".join([*lines, "content-length: 100000"]) + "\r\n\r\n").encode()
+
+
+async def closed_while_trickling(port: int, head: bytes, within: float) -> float | None:
+    """Send ``head``, then a byte every 0.2 s: seconds until the miner closes the connection, or
+    ``None`` if it is still open after ``within``."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /StreamPromptingSynapse HTTP/1.1\r\nhost: 127.0.0.1\r\nx-slow: ")
+    writer.write(head)
     started = time.monotonic()
     try:
         while time.monotonic() - started < within:
@@ -457,15 +466,30 @@ async def closed_while_trickling(port: int, within: float) -> float | None:
         writer.close()
 
 
-async def test_headers_sent_a_byte_at_a_time_are_cut_off_and_validators_still_served(serve_miner, validator) -> None:
+@pytest.mark.parametrize("part", ["headers", "body"])
+async def test_a_request_sent_a_byte_at_a_time_is_cut_off_and_validators_still_served(
+    serve_miner, validator, part: str
+) -> None:
+    """Headers or body: the whole request must arrive within --neuron.idle_seconds of its start.
+
+    The slow body claims the validator's hotkey, so the axon's door lets it in to bittensor, which
+    waits for the body to check the signature; the HTTP front reads a body before any check.
+    """
     from openai_miner.testing.fake_source import FakeSource
     from openai_miner.testing.localnet import free_port
 
     miner = serve_miner(
         "--neuron.idle_seconds", "1", "--http.port", str(free_port()), source=FakeSource(TOKENS)
     )
-    ports = [miner.axon.port] * 10 + [miner.config.http.port] * 10
-    slow = asyncio.gather(*(closed_while_trickling(port, within=4.0) for port in ports))
+    claimed = f"bt_header_dendrite_hotkey: {validator.hotkey.ss58_address}"
+    heads = {
+        "headers": (SLOW_HEADER, SLOW_HEADER),
+        "body": (slow_body("/StreamPromptingSynapse", claimed), slow_body("/v1/chat/completions")),
+    }[part]
+    slow = asyncio.gather(
+        *(closed_while_trickling(miner.axon.port, heads[0], within=4.0) for _ in range(10)),
+        *(closed_while_trickling(miner.config.http.port, heads[1], within=4.0) for _ in range(10)),
+    )
     async with bt.Dendrite(wallet=validator) as dendrite:
         answer = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=TIMEOUT)
     assert answer.status == 200 and answer.text == FULL

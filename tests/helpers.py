@@ -2,10 +2,10 @@
 
 import asyncio
 import gc
-import inspect
 import os
 import re
 import time
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -105,12 +105,13 @@ def unfinished_http_generators() -> list[str]:
     """Async generators of the upstream's HTTP stack that were started and never finished.
 
     Nothing closes such a generator but the garbage collector, at its next pass, from whatever
-    thread that pass runs in.
+    thread that pass runs in. (``type() is``, not ``isinstance``: that would touch torch's
+    deprecated module attributes, which warn.)
     """
     return [
         found.__qualname__
         for found in gc.get_objects()
-        if inspect.isasyncgen(found)
+        if type(found) is types.AsyncGeneratorType
         and found.ag_frame is not None
         and found.ag_frame.f_lasti >= 0
         and found.ag_frame.f_globals.get("__name__", "").split(".")[0] in HTTP_STACK

@@ -11,6 +11,7 @@ request's own sampling settings and ``logprobs`` go to the upstream as the OpenA
 import argparse
 import asyncio
 import time
+import traceback
 from typing import Any, Sequence
 
 import bittensor as bt
@@ -171,6 +172,35 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def upstream_error(error: Exception) -> UpstreamError:
+    """What a failed answer tells the core: the prompt refused (:class:`NoAnswer`), or the upstream failing."""
+    if isinstance(error, openai.APIStatusError):
+        kind = NoAnswer if error.status_code in REFUSED_STATUS else UpstreamError
+        return kind(describe(error))
+    if isinstance(error, openai.OpenAIError):
+        return UpstreamError(describe(error))
+    # A chunk the SDK or LangChain could not parse (bad JSON, bytes, shape): one log line.
+    reason = str(error).splitlines()[0][:200] if str(error) else ""
+    return UpstreamError(f"malformed upstream response: {type(error).__name__}: {reason}")
+
+
+def release(error: BaseException) -> None:
+    """Drop the locals of the frames ``error`` and its causes came through.
+
+    On a chunk it cannot parse, the SDK stops reading its response stream where it is: a chain of
+    suspended async generators (SSE decoding, httpx, httpcore), held by those frames, which the
+    error's traceback holds. Kept there, they wait for the garbage collector, which would close
+    them at its next pass from whatever thread runs it (the local model's, mid-forward). Dropped
+    now, they are closed at once on this loop.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        traceback.clear_frames(cause.__traceback__)
+        cause = cause.__cause__ or cause.__context__
+
+
 class OpenAISource:
     """A :class:`~openai_miner.sources.base.TokenSource` over a LangChain chat model."""
 
@@ -247,14 +277,8 @@ class OpenAISource:
             async for attempt in retrying:
                 with attempt:
                     await self.model.ainvoke(list(messages), config={"callbacks": [handler]}, **options)
-        except openai.APIStatusError as error:
-            kind = NoAnswer if error.status_code in REFUSED_STATUS else UpstreamError
-            raise kind(describe(error)) from error
-        except openai.OpenAIError as error:
-            raise UpstreamError(describe(error)) from error
-        except (ValueError, TypeError, AttributeError, KeyError) as error:
-            # A chunk the SDK or LangChain could not parse (bad JSON, bytes, shape): one log line.
-            reason = str(error).splitlines()[0][:200] if str(error) else ""
-            raise UpstreamError(f"malformed upstream response: {type(error).__name__}: {reason}") from error
+        except (openai.OpenAIError, ValueError, TypeError, AttributeError, KeyError) as error:
+            release(error)
+            raise upstream_error(error) from error
         if handler.tokens == 0:
             raise NoAnswer("the upstream answered with no text")

@@ -184,7 +184,7 @@ async def test_an_answer_ending_any_way_closes_its_whole_http_stream(fault: Faul
     gc.disable()
     try:
         with LoopbackUpstream(tokens=TOKENS, fault=fault) as up:
-            await run(source(up, max_retries=0))
+            await run(source(up, max_retries=0), deadline_in=1.0)  # no-done ends at the deadline
             await asyncio.sleep(0.1)  # what was let go is closed on this loop
             left = unfinished_http_generators()
     finally:

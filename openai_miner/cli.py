@@ -25,8 +25,6 @@ import sys
 from types import FrameType
 from typing import Sequence
 
-import bittensor as bt
-
 from openai_miner.config import ConfigError
 from openai_miner.miner import OpenAIMiner
 from openai_miner.startup import StartupError
@@ -117,7 +115,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if miner is not None and not miner.is_running:
             miner.stop_run_thread()
     try:  # from here a stop signal, however early, is a clean stop
-        bt.logging.info(summary(miner))
         print(summary(miner), flush=True)
         # Start-up objects (bittensor, torch, the model) never die: keep them out of full collections,
         # which otherwise stall every stream for 100-150 ms every ~130 requests (measured in bench/).

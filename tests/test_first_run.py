@@ -165,6 +165,7 @@ def test_the_command_says_it_loads_the_model_and_where(tmp_path: Path, tiny_mode
     assert f"loading the local model {tiny_model} on cpu before serving (about 20 s" in log
     assert f"loaded {tiny_model} on cpu (float32" in log
     assert code == 0 and "openai-miner: stopped after 0 answers" in log
+    assert log.count("openai-miner | network mock") == 1  # printed, not logged as well
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])

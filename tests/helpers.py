@@ -6,8 +6,9 @@ import os
 import re
 import time
 import types
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from openai_miner.fronts.axon import body_chunks
 from openai_miner.streaming import Emit
@@ -96,6 +97,18 @@ def is_upstream_prefix(text: str) -> bool:
 
 def is_local(text: str) -> bool:
     return bool(text.strip()) and UPSTREAM_WORD.search(text) is None
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """No automatic garbage collection inside (after one to start clean): what an answer leaves
+    to the collector stays there, for :func:`unfinished_http_generators` to count."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 HTTP_STACK = ("openai", "httpx", "httpcore", "langchain_openai", "langchain_core")

@@ -482,13 +482,13 @@ async def test_a_request_sent_a_byte_at_a_time_is_cut_off_and_validators_still_s
         "--neuron.idle_seconds", "1", "--http.port", str(free_port()), source=FakeSource(TOKENS)
     )
     claimed = f"bt_header_dendrite_hotkey: {validator.hotkey.ss58_address}"
-    heads = {
+    to_axon, to_http = {
         "headers": (SLOW_HEADER, SLOW_HEADER),
         "body": (slow_body("/StreamPromptingSynapse", claimed), slow_body("/v1/chat/completions")),
     }[part]
     slow = asyncio.gather(
-        *(closed_while_trickling(miner.axon.port, heads[0], within=4.0) for _ in range(10)),
-        *(closed_while_trickling(miner.config.http.port, heads[1], within=4.0) for _ in range(10)),
+        *(closed_while_trickling(miner.axon.port, to_axon, within=4.0) for _ in range(10)),
+        *(closed_while_trickling(miner.config.http.port, to_http, within=4.0) for _ in range(10)),
     )
     async with bt.Dendrite(wallet=validator) as dendrite:
         answer = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=TIMEOUT)

@@ -1,7 +1,6 @@
 """The OpenAI source against a loopback OpenAI-compatible server: streaming, retries, deadlines."""
 
 import asyncio
-import gc
 import time
 
 import pytest
@@ -11,7 +10,7 @@ from openai_miner.testing.upstream import Fault, LoopbackUpstream
 from openai_miner.sources.base import UpstreamError
 from openai_miner.sources.openai import OpenAISource, chat_openai
 from openai_miner.streaming import stream_answer
-from tests.helpers import Recorder, unfinished_http_generators
+from tests.helpers import Recorder, collector_paused, unfinished_http_generators
 
 TOKENS = [f"w{i} " for i in range(25)]
 MESSAGES = [SystemMessage("be brief"), HumanMessage("hello")]
@@ -151,18 +150,13 @@ async def test_an_answer_cut_anywhere_closes_its_whole_http_stream() -> None:
         with pytest.raises(asyncio.CancelledError):
             await answer
 
-    gc.collect()
-    gc.disable()  # keep what is left behind where this test can count it
-    try:
-        with LoopbackUpstream(tokens=tokens, interval=0.002) as up:
-            src = source(up)
-            src.model.max_tokens = 512
-            results = await asyncio.gather(*(run(src, deadline_in=cut, batch=8) for cut in cuts))
-            await asyncio.gather(*(hung_up(src, cut) for cut in cuts))
-            await asyncio.sleep(0.1)  # every cancellation delivered
-            left = unfinished_http_generators()
-    finally:
-        gc.enable()
+    with collector_paused(), LoopbackUpstream(tokens=tokens, interval=0.002) as up:
+        src = source(up)
+        src.model.max_tokens = 512
+        results = await asyncio.gather(*(run(src, deadline_in=cut, batch=8) for cut in cuts))
+        await asyncio.gather(*(hung_up(src, cut) for cut in cuts))
+        await asyncio.sleep(0.1)  # every cancellation delivered
+        left = unfinished_http_generators()
     assert [result.outcome for _, result in results] == ["deadline"] * len(cuts)
     assert left == [], sorted(set(left))
 
@@ -180,13 +174,8 @@ async def test_an_answer_ending_any_way_closes_its_whole_http_stream(fault: Faul
     collection in another thread while this loop was closing them too, one in a hundred such
     answers ended in ``ValueError: async generator already executing``: the soak's warning.
     """
-    gc.collect()
-    gc.disable()
-    try:
-        with LoopbackUpstream(tokens=TOKENS, fault=fault) as up:
-            await run(source(up, max_retries=0), deadline_in=1.0)  # no-done ends at the deadline
-            await asyncio.sleep(0.1)  # what was let go is closed on this loop
-            left = unfinished_http_generators()
-    finally:
-        gc.enable()
+    with collector_paused(), LoopbackUpstream(tokens=TOKENS, fault=fault) as up:
+        await run(source(up, max_retries=0), deadline_in=1.0)  # no-done ends at the deadline
+        await asyncio.sleep(0.1)  # what was let go is closed on this loop
+        left = unfinished_http_generators()
     assert left == [], sorted(set(left))

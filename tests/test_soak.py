@@ -24,7 +24,7 @@ import bittensor as bt
 from openai_miner.testing.upstream import Fault, LoopbackUpstream, RecordedRequest
 from openai_miner.miner import OpenAIMiner
 from openai_miner.testing.validator import Answer, ask
-from tests.helpers import FULL, TOKENS, eventually, is_local, is_upstream_prefix, local_flags, unfinished_http_generators
+from tests.helpers import FULL, TOKENS, eventually, is_local, is_upstream_prefix, local_flags, collector_paused, unfinished_http_generators
 
 REQUESTS = int(os.environ.get("SOAK_REQUESTS", "300"))
 SEED = int(os.environ.get("SOAK_SEED", "6"))
@@ -250,16 +250,13 @@ async def test_soak(serve_miner, validator, tiny_model) -> None:
             found: list[str] = []
             counts: Counter[str] = Counter()
             step = max(REQUESTS // 5, CONCURRENCY)
-            gc.disable()  # what an answer leaves to the collector stays there, counted after each batch
-            try:
+            with collector_paused():  # what an answer leaves to the collector is counted after each batch
                 for first in range(0, REQUESTS, step):
                     batch_found, batch_counts = await run_batch(dendrites, miner, up, jobs[first : first + step])
                     found += batch_found + [f"left to the collector: {name}" for name in unfinished_http_generators()]
                     counts += batch_counts
                     gc.collect()
                     memory.append(rss_mb())
-            finally:
-                gc.enable()
             took = time.monotonic() - started
             await asyncio.sleep(miner.config.fallback.cooldown)
             after = await ask(dendrites[0], miner.axon, ["user"], ["ok after"], timeout=3.0)

@@ -11,7 +11,7 @@ runs after the signature proved the hotkey, so nobody can spend a real validator
 import argparse
 import hashlib
 import time
-from collections import OrderedDict, defaultdict, deque
+from collections import Counter, OrderedDict, defaultdict, deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -204,6 +204,26 @@ class Offenders:
         return False
 
 
+class Refusals:
+    """Refusals counted, and logged as one summary line per ``every`` seconds instead of one each:
+    a stranger's flood must not write gigabytes of log."""
+
+    def __init__(self, every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every = every
+        self._clock = clock
+        self._since = clock()
+        self._reasons: Counter[str] = Counter()
+
+    def count(self, reason: str) -> None:
+        self._reasons[reason] += 1
+        now = self._clock()
+        if now - self._since >= self.every:
+            total, (example, _) = sum(self._reasons.values()), self._reasons.most_common(1)[0]
+            bt.logging.info(f"refused {total} requests in {now - self._since:.0f}s, most: {example}")
+            self._reasons.clear()
+            self._since = now
+
+
 class Access:
     """The policy, the registry snapshot it reads, and the per-hotkey limits, for every front."""
 
@@ -214,12 +234,14 @@ class Access:
         limiter: RateLimiter,
         recent: RecentPrompts,
         offenders: Offenders | None = None,
+        refusals: Refusals | None = None,
     ) -> None:
         self.policy = policy
         self.registry = registry
         self.limiter = limiter
         self.recent = recent
         self.offenders = offenders or Offenders(0)
+        self.refusals = refusals or Refusals()
 
     @classmethod
     def from_config(cls, config: bt.Config, registry: Registry) -> "Access":
@@ -230,6 +252,12 @@ class Access:
             RecentPrompts(config.neuron.prompt_cache_seconds),
             Offenders(config.blacklist.max_refusals_per_second),
         )
+
+    def refused(self, address: str | None, reason: str) -> None:
+        """A request from ``address`` was turned away for ``reason``: counted in the periodic
+        summary, and against the address (past the rate, it is cut off)."""
+        self.refusals.count(reason)
+        self.offenders.refused(address)
 
     def refusal(self, hotkey: str | None) -> Refusal | None:
         """Whether this (claimed) hotkey may ask at all: 403 with the reason, or ``None``."""

@@ -40,9 +40,9 @@ from openai_miner.config import (
     tidy_help,
 )
 from openai_miner.fronts import http
-from openai_miner.fronts.axon import Axon, AxonDoor, AxonGate, Refusals, StreamingResponse
+from openai_miner.fronts.axon import Axon, AxonDoor, AxonGate, StreamingResponse
 from openai_miner.protocol import StreamPromptingSynapse
-from openai_miner.serving import Servers, StopRequest, harden, raise_file_limit
+from openai_miner.serving import Servers, StopRequest, harden, places_per_front, raise_file_limit
 from openai_miner.startup import (
     NotRegistered,
     StartupError,
@@ -113,6 +113,7 @@ class Miner(abc.ABC):
         self.exit_request = StopRequest()  # the real command also wakes it on signals
         self._thread: threading.Thread | None = None
         self.servers: Servers | None = None
+        self.places = self.config.neuron.max_connections  # per front; lower where open files are few
         self.is_running = False
         self.check_ports()  # before anything slow (a subclass's model load): a busy port fails in seconds
 
@@ -169,7 +170,8 @@ class Miner(abc.ABC):
         )
         chain.add_argument(
             "--neuron.max_connections", type=at_least(1), default=1000,
-            help="Connections and requests at once per front; more get HTTP 503 at once.",
+            help="Connections per front. At the limit a new connection takes the place of the oldest one "
+            "not being answered (silent, or still sending its request); with all of them answering, HTTP 503.",
         )
         chain.add_argument(
             "--neuron.max_body_bytes", type=at_least(1024), default=2_000_000,
@@ -251,15 +253,17 @@ class Miner(abc.ABC):
         self.check_registered()
         self.check_ports()
         servers: list[uvicorn.Server] = []
-        hardening = dict(
-            idle=settings.neuron.idle_seconds, max_connections=settings.neuron.max_connections,
-            offenders=self.access.offenders,
-        )
+        files = raise_file_limit()
+        self.places = places_per_front(files, len(self.ports), settings.neuron.max_connections)
+        if self.places < settings.neuron.max_connections:
+            bt.logging.warning(
+                f"the open-file limit is {files}: {self.places} connections per front, not "
+                f"--neuron.max_connections {settings.neuron.max_connections}; raise `ulimit -n`"
+            )
+        hardening = dict(idle=settings.neuron.idle_seconds, max_connections=self.places, access=self.access)
         if not settings.axon.off:
             self.axon.attach(forward_fn=self._prompt, blacklist_fn=self.blacklist, priority_fn=self.priority)
-            self.axon.app.add_middleware(
-                AxonDoor, access=self.access, refusals=Refusals(), max_bytes=settings.neuron.max_body_bytes
-            )
+            self.axon.app.add_middleware(AxonDoor, access=self.access, max_bytes=settings.neuron.max_body_bytes)
             harden(self.axon.fast_config, **hardening)
             servers.append(self.axon.fast_server)
         if settings.http.port is not None:
@@ -274,12 +278,6 @@ class Miner(abc.ABC):
                 self.axon.external_port = settings.http.port  # what SN1 v2.13+ validators dial
             with chain_errors(self.config):
                 self.axon.serve(netuid=settings.netuid, subtensor=self.subtensor)
-        files = raise_file_limit()
-        if files < 2 * settings.neuron.max_connections:
-            bt.logging.warning(
-                f"the open-file limit is {files}: below twice --neuron.max_connections "
-                f"({settings.neuron.max_connections}), idle sockets may lock validators out; raise `ulimit -n`"
-            )
         self.servers = Servers(servers)
         self.servers.start()
         for port in self.ports:

@@ -8,17 +8,19 @@ tasks. Stopping asks each to exit, with a bounded grace for answers in flight.
 
 import asyncio
 import functools
+import logging
 import resource
 import select
 import socket
 import threading
+from collections import OrderedDict
 from typing import Any
 
 import bittensor as bt
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from openai_miner.access import Offenders
+from openai_miner.access import Access
 
 
 class StopRequest:
@@ -57,44 +59,104 @@ class StopRequest:
             pass
 
 
+class Places:
+    """The connections of one front, kept to ``limit``: a connection that has not sent a whole
+    request never takes a validator's place.
+
+    Counting every open connection, as uvicorn's ``limit_concurrency`` does, let sockets that
+    never send a byte lock every validator out (999 were enough), and reopening each as the idle
+    timer closed it kept them out for good. Here a newcomer at the limit takes the place of the
+    oldest connection that is not being answered: first one that has sent nothing (since it
+    opened, or since its last answer), then one still sending its request. Connections being
+    answered are never closed; with all ``limit`` of them answering, the newcomer's request gets
+    uvicorn's 503. Used from the serving loop's thread only.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self.silent: OrderedDict[IdleClosing, None] = OrderedDict()  # oldest first
+        self.sending: OrderedDict[IdleClosing, None] = OrderedDict()
+
+    def join(self, connection: "IdleClosing") -> None:
+        """A new connection, silent; at the limit, the oldest one not being answered makes room."""
+        if self.open >= self.limit:
+            waiting = self.silent or self.sending
+            if waiting:
+                waiting.popitem(last=False)[0].make_room()
+        self.open += 1
+        self.silent[connection] = None
+
+    def sends(self, connection: "IdleClosing") -> None:
+        """``connection`` sent the first bytes of a request."""
+        if connection in self.silent:
+            del self.silent[connection]
+            self.sending[connection] = None
+
+    def answering(self, connection: "IdleClosing") -> None:
+        """``connection`` sent a whole request: its place is its own until the answer ends."""
+        self.silent.pop(connection, None)
+        self.sending.pop(connection, None)
+
+    def answered(self, connection: "IdleClosing") -> None:
+        """``connection`` was answered and, kept alive, waits silent for its next request."""
+        self.answering(connection)
+        self.silent[connection] = None
+
+    def leave(self, connection: "IdleClosing") -> None:
+        self.answering(connection)
+        self.open -= 1
+
+
 class IdleClosing(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
-    """uvicorn's HTTP protocol, also closing a connection that sends nothing, or sends a request too slowly.
+    """uvicorn's HTTP protocol, closing a connection that sends nothing, or sends a request too
+    slowly, and keeping the front's connections to its :class:`Places`.
 
     uvicorn times out idle keep-alive connections only after a first response: a client that
-    connects and stays silent would hold a file descriptor forever, and enough of them lock
-    validators out. The same keep-alive timer now starts when the connection opens. Any byte
-    cancels that timer, so a client sending a request a byte at a time ("slowloris"), in its
-    headers or in the body they announce, would hold the connection as long: a request, headers
-    and body, must all arrive within the same time from its first byte.
+    connects and stays silent would hold a file descriptor forever. The same keep-alive timer now
+    starts when the connection opens. Any byte cancels that timer, so a client sending a request
+    a byte at a time ("slowloris"), in its headers or in the body they announce, would hold the
+    connection as long: a request, headers and body, must all arrive within the same time from
+    its first byte.
+
+    Bytes that are not HTTP count as a refusal of their address, in the refusal summary and
+    towards its cut-off, instead of a warning line per connection.
     """
 
     request_due: asyncio.TimerHandle | None = None
     turned_away = False
+    spoke = False
 
-    def __init__(self, *args: Any, offenders: Offenders, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, access: Access, places: Places, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.offenders = offenders
+        self.access = access
+        self.places = places
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else None
-        if self.offenders.cut_off(self.peer):  # before uvicorn sets anything up for it
+        if self.access.offenders.cut_off(self.peer):  # before uvicorn sets anything up for it
             self.turned_away = True
             transport.abort()
             return
         super().connection_made(transport)
+        self.places.join(self)
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
     def data_received(self, data: bytes) -> None:
-        if self.offenders.cut_off(self.peer):  # cut off while this connection was open: unread
+        if self.access.offenders.cut_off(self.peer):  # cut off while this connection was open: unread
             self.transport.abort()
             return
+        self.spoke = True
         starts_a_request = self.cycle is None or self.cycle.response_complete
         super().data_received(data)
         if self.received():
             self.request_in()
-        elif starts_a_request and self.request_due is None:
-            self.request_due = self.loop.call_later(self.timeout_keep_alive, self.request_too_slow)
+            self.places.answering(self)
+        elif starts_a_request:
+            self.places.sends(self)
+            if self.request_due is None:
+                self.request_due = self.loop.call_later(self.timeout_keep_alive, self.request_too_slow)
 
     def received(self) -> bool:
         """Whether the request being answered is all in: uvicorn has its headers and whole body."""
@@ -111,19 +173,62 @@ class IdleClosing(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         if not self.transport.is_closing():
             self.transport.close()
 
+    def make_room(self) -> None:
+        """Close this connection for a newcomer; one that never sent a byte counts as a refusal."""
+        if not self.spoke:
+            self.access.refused(self.peer, "a connection that sent nothing, closed for a newcomer")
+        self.request_in()
+        self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.received():  # a pipelined request, already in
+            self.places.answering(self)
+        elif not self.transport.is_closing():
+            self.places.answered(self)
+
+    def send_400_response(self, msg: str) -> None:
+        self.access.refused(self.peer, "bytes that are not an HTTP request")
+        super().send_400_response(msg)
+
     def connection_lost(self, exc: Exception | None) -> None:
         if self.turned_away:
             return
+        self.places.leave(self)
         self.request_in()
         super().connection_lost(exc)
 
 
-def harden(config: uvicorn.Config, *, idle: float, max_connections: int, offenders: Offenders) -> None:
-    """Close silent connections after ``idle`` seconds, and those of ``offenders`` unread; over
-    ``max_connections`` at once, answer 503."""
-    config.http = functools.partial(IdleClosing, offenders=offenders)
+class _NotHttp(logging.Filter):
+    """Drops uvicorn's warning for every connection that sends junk: counted as a refusal instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Invalid HTTP request received."
+
+
+def harden(config: uvicorn.Config, *, idle: float, max_connections: int, access: Access) -> Places:
+    """Close silent connections after ``idle`` seconds, and those of offenders unread; keep at
+    most ``max_connections`` (:class:`Places`), answering 503 only when all of them are answering."""
+    places = Places(max_connections)
+    config.http = functools.partial(IdleClosing, access=access, places=places)
     config.timeout_keep_alive = idle
-    config.limit_concurrency = max_connections
+    # uvicorn's 503: past every place busy answering (Places keeps the rest to the limit).
+    config.limit_concurrency = max_connections + 1
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(existing, _NotHttp) for existing in uvicorn_errors.filters):
+        uvicorn_errors.addFilter(_NotHttp())
+    return places
+
+
+# Files the process holds besides its fronts' connections: the model, logs, the chain, pipes.
+OTHER_FILES = 256
+
+
+def places_per_front(files: int, fronts: int, wanted: int) -> int:
+    """Connections each front may hold within the open-file limit ``files``: an answered request
+    holds two (the validator's, and the upstream's). Past the limit the kernel refuses ``accept``
+    and asyncio stops accepting on that port for a second, a lockout of its own."""
+    return max(1, min(wanted, (files - OTHER_FILES) // (2 * fronts)))
 
 
 def raise_file_limit() -> int:

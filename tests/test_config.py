@@ -147,12 +147,12 @@ def test_a_bad_value_is_not_echoed_whole_it_may_be_a_misplaced_key() -> None:
 
 def test_the_miners_own_log_lines_are_labelled_as_its_own(caplog) -> None:
     from openai_miner.base import label_own_lines
-    from openai_miner.fronts.axon import Refusals
+    from openai_miner.access import Refusals
 
     label_own_lines()
     label_own_lines()  # once is enough: no second filter
     with caplog.at_level("INFO", logger="bittensor"):
-        Refusals(every=0).count("a reason")  # logs from openai_miner/fronts/axon.py
+        Refusals(every=0).count("a reason")  # logs from openai_miner/access.py
         bt.logging.info("from a test")  # not the package's: bittensor's label stays
     names = {record.getMessage()[:7]: record.name for record in caplog.records}
     assert names == {"refused": "openai_miner", "from a ": "bittensor"}, names

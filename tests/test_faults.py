@@ -415,8 +415,10 @@ async def test_a_stalled_upstream_is_answered_locally_and_counted_as_down(serve_
 # -- sockets that say nothing ------------------------------------------------------------------------
 
 
-async def silent_sockets(port: int, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    return [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
+async def silent_sockets(
+    port: int, count: int, address: str = "127.0.0.1"
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    return [await asyncio.open_connection("127.0.0.1", port, local_addr=(address, 0)) for _ in range(count)]
 
 
 async def test_silent_connections_are_closed_and_validators_still_served(serve_miner, validator) -> None:
@@ -497,21 +499,31 @@ async def test_a_request_sent_a_byte_at_a_time_is_cut_off_and_validators_still_s
     assert None not in closed_after and max(closed_after) < 2.5, closed_after  # bytes kept coming: cut at ~1 s
 
 
-async def test_over_the_connection_cap_a_new_request_gets_503(serve_miner) -> None:
-    import httpx
-
+async def test_silent_sockets_past_the_connection_cap_never_lock_a_validator_out(serve_miner, validator) -> None:
+    """Each front keeps --neuron.max_connections places; a silent socket gives its place to a
+    newcomer, so a validator is served with ten times the cap held open by sockets that say nothing.
+    They dial from an address of their own: one whose silent sockets keep being closed for newcomers
+    is cut off, as any address refused too often."""
     from openai_miner.testing.fake_source import FakeSource
     from openai_miner.testing.localnet import free_port
+    from openai_miner.testing.validator import openai_client
 
     miner = serve_miner(
         "--neuron.max_connections", "3", "--http.port", str(free_port()), source=FakeSource(TOKENS)
     )
-    idle = await silent_sockets(miner.config.http.port, 3)
-    async with httpx.AsyncClient() as client:
-        over = await client.get(f"http://127.0.0.1:{miner.config.http.port}/health")
+    idle = [
+        *await silent_sockets(miner.axon.port, 30, "127.0.0.2"),
+        *await silent_sockets(miner.config.http.port, 30, "127.0.0.2"),
+    ]
+    async with bt.Dendrite(wallet=validator) as dendrite:
+        answer = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=TIMEOUT)
+    receiver = miner.wallet.hotkey.ss58_address
+    async with openai_client(miner.config.http.port, validator.hotkey, receiver) as client:
+        reply = await client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}])
+    assert answer.status == 200 and answer.text == FULL
+    assert reply.choices[0].message.content == FULL
     for _, writer in idle:
         writer.close()
-    assert over.status_code == 503
 
 
 # -- a stranger's flood ------------------------------------------------------------------------------
@@ -583,7 +595,7 @@ async def test_an_address_refused_past_the_rate_is_cut_off_on_both_fronts_and_va
 
 
 def test_refusals_are_logged_as_one_summary_line(caplog) -> None:
-    from openai_miner.fronts.axon import Refusals
+    from openai_miner.access import Refusals
 
     now = [0.0]
     refusals = Refusals(every=10.0, clock=lambda: now[0])

@@ -11,7 +11,7 @@ annotation objects of the functions it is given.
 
 import time
 import typing
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from typing import Sequence
 
 import bittensor as bt
@@ -20,7 +20,7 @@ from bittensor.core.axon import create_error_response
 from bittensor.core.errors import SynapseException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from openai_miner.access import Access
+from openai_miner.access import Access, Refusal
 from openai_miner.core import Core, Question
 from openai_miner.messages import InvalidPrompt
 from openai_miner.protocol import StreamPromptingSynapse
@@ -38,26 +38,6 @@ class Axon(bt.Axon):
             return await super().verify_body_integrity(request)
         except (ValueError, TypeError) as error:  # JSON, UTF-8, field types, body-hash mismatch
             raise fastapi.HTTPException(400, f"invalid synapse body ({type(error).__name__})") from None
-
-
-class Refusals:
-    """Refusals counted, and logged as one summary line per ``every`` seconds instead of one each:
-    a stranger's flood must not write gigabytes of log."""
-
-    def __init__(self, every: float = 10.0, clock: typing.Callable[[], float] = time.monotonic) -> None:
-        self.every = every
-        self._clock = clock
-        self._since = clock()
-        self._reasons: Counter[str] = Counter()
-
-    def count(self, reason: str) -> None:
-        self._reasons[reason] += 1
-        now = self._clock()
-        if now - self._since >= self.every:
-            total, (example, _) = sum(self._reasons.values()), self._reasons.most_common(1)[0]
-            bt.logging.info(f"refused {total} requests in {now - self._since:.0f}s, most: {example}")
-            self._reasons.clear()
-            self._since = now
 
 
 def client_address(scope: Scope) -> str | None:
@@ -85,13 +65,13 @@ class AxonDoor:
       body arrives (reading it first let a validator's small request overtake its large one, whose
       nonce was then too old).
 
-    Every refusal counts against the caller's address (:class:`~openai_miner.access.Offenders`).
+    Every refusal counts against the caller's address, and in the periodic summary
+    (:meth:`~openai_miner.access.Access.refused`).
     """
 
-    def __init__(self, app: ASGIApp, access: Access, refusals: Refusals, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, access: Access, max_bytes: int) -> None:
         self.app = app
         self.access = access
-        self.refusals = refusals
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -99,25 +79,21 @@ class AxonDoor:
             headers = dict(scope["headers"])
             refused = self.stranger(headers) or self.unbounded(headers)
             if refused is not None:
-                self.access.offenders.refused(client_address(scope))
-                await refused(scope, receive, send)
+                self.access.refused(client_address(scope), refused.reason)
+                await refusal(refused.status, refused.reason)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
-    def stranger(self, headers: dict[bytes, bytes]) -> ASGIApp | None:
+    def stranger(self, headers: dict[bytes, bytes]) -> Refusal | None:
         claimed = headers.get(b"bt_header_dendrite_hotkey")
-        refused = self.access.refusal(claimed.decode("latin-1") if claimed else None)
-        if refused is None:
-            return None
-        self.refusals.count(refused.reason)
-        return refusal(refused.status, refused.reason)
+        return self.access.refusal(claimed.decode("latin-1") if claimed else None)
 
-    def unbounded(self, headers: dict[bytes, bytes]) -> ASGIApp | None:
+    def unbounded(self, headers: dict[bytes, bytes]) -> Refusal | None:
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return refusal(413, f"request body over {self.max_bytes} bytes")
+            return Refusal(413, f"request body over {self.max_bytes} bytes")
         if b"transfer-encoding" in headers:
-            return refusal(411, "a body needs a Content-Length")
+            return Refusal(411, "a body needs a Content-Length")
         return None
 
 

@@ -261,7 +261,7 @@ class HttpFront:
                 raise Refused(400, f"invalid prompt: {invalid}") from None
         except Refused as refused:
             bt.logging.debug(f"http: refused {refused.status}: {refused.reason}")
-            self.core.access.offenders.refused(request.client.host if request.client else None)
+            self.core.access.refused(request.client.host if request.client else None, refused.reason)
             return refusal(refused.status, refused.reason)
         except ClientDisconnect:
             return Response(status_code=400)

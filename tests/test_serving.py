@@ -1,0 +1,175 @@
+"""What every front's server does before any request reaches a front: its places, silent and slow
+connections, bytes that are not HTTP. Driven through a real uvicorn server on 127.0.0.1 with a
+tiny app, so each case takes milliseconds; tests/test_faults.py covers the same through a miner."""
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from openai_miner.access import Access, AccessPolicy, Offenders, RateLimiter, RecentPrompts, Refusals
+from openai_miner.chain import Registry
+from openai_miner.serving import OTHER_FILES, Places, Servers, harden, places_per_front
+from openai_miner.startup import wait_port
+from openai_miner.testing.localnet import free_port
+from tests.helpers import eventually
+
+GET = b"GET /quick HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+JUNK = b"\x16\x03\x01 junk\r\n\r\n"  # a TLS hello's first bytes, then nonsense
+
+
+# -- Places alone ------------------------------------------------------------------------------------
+
+
+class Connection:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.closed = False
+
+    def make_room(self) -> None:
+        self.closed = True
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def test_a_newcomer_takes_the_place_of_the_oldest_silent_then_the_oldest_still_sending() -> None:
+    places = Places(3)
+    a, b, c, d, e, f = (Connection(name) for name in "abcdef")
+    for connection in (a, b, c):
+        places.join(connection)  # type: ignore[arg-type]
+    places.sends(a)  # type: ignore[arg-type]  # a started a request; b and c said nothing
+    places.join(d)  # type: ignore[arg-type]
+    assert [x for x in (a, b, c) if x.closed] == [b]  # the oldest silent one, not a (sending)
+    places.leave(b)  # type: ignore[arg-type]
+    places.answering(c)  # type: ignore[arg-type]  # c's request is all in: never closed for a newcomer
+    places.answering(d)  # type: ignore[arg-type]
+    places.join(e)  # type: ignore[arg-type]
+    assert a.closed and not c.closed  # nothing silent: the oldest still sending
+    places.leave(a)  # type: ignore[arg-type]
+    places.answering(e)  # type: ignore[arg-type]
+    places.join(f)  # type: ignore[arg-type]  # all three answering: f joins, uvicorn answers it 503
+    assert not any(x.closed for x in (c, d, e)) and places.open == 4
+    places.answered(c)  # type: ignore[arg-type]  # answered, kept alive: silent again, and evictable
+    places.join(Connection("g"))  # type: ignore[arg-type]
+    assert f.closed and not c.closed  # f joined silent before c went back to waiting
+
+
+@pytest.mark.parametrize(
+    "files,fronts,wanted,places",
+    [(20_000, 2, 1000, 1000), (1024, 2, 1000, (1024 - OTHER_FILES) // 4), (1024, 1, 100, 100), (100, 1, 1000, 1)],
+)
+def test_places_fit_the_open_file_limit(files: int, fronts: int, wanted: int, places: int) -> None:
+    assert places_per_front(files, fronts, wanted) == places
+
+
+# -- a hardened server -------------------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    port: int
+    places: Places
+    access: Access
+    release: threading.Event  # set by the test, awaited on the server's own loop
+    busy: list[Request]
+
+
+@pytest.fixture
+def serve() -> Iterator:
+    """A uvicorn server on a free port, hardened as a front is; ``/quick`` answers at once,
+    ``/busy`` once the test sets ``release``."""
+    started: list[Servers] = []
+
+    def start(places: int, *, idle: float = 30.0, per_second: float = 0.0) -> Served:
+        served: Served
+
+        async def quick(request: Request) -> PlainTextResponse:
+            return PlainTextResponse("quick")
+
+        async def busy(request: Request) -> PlainTextResponse:
+            served.busy.append(request)
+            await asyncio.to_thread(served.release.wait)
+            return PlainTextResponse("busy")
+
+        access = Access(AccessPolicy(), Registry(), RateLimiter(0), RecentPrompts(0), Offenders(per_second), Refusals())
+        app = Starlette(routes=[Route("/quick", quick), Route("/busy", busy)])
+        port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        served = Served(port, harden(config, idle=idle, max_connections=places, access=access), access, threading.Event(), [])
+        servers = Servers([uvicorn.Server(config)])
+        servers.start()
+        started.append(servers)
+        assert wait_port(port, listening=True, timeout=10.0)
+        return served
+
+    yield start
+    for servers in started:
+        servers.stop(grace=0.5)
+
+
+async def connect(port: int, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    return [await asyncio.open_connection("127.0.0.1", port) for _ in range(count)]
+
+
+async def status_of(port: int, request: bytes = GET) -> int | None:
+    """The status of one request on a new connection; ``None`` if it was closed unanswered."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        line = await asyncio.wait_for(reader.readline(), 5.0)
+        return int(line.split()[1]) if line else None
+    except ConnectionError:
+        return None
+    finally:
+        writer.close()
+
+
+async def closed(reader: asyncio.StreamReader) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), 5.0) == b""
+    except ConnectionError:
+        return True
+
+
+
+
+async def test_silent_sockets_past_the_limit_never_keep_a_request_out(serve) -> None:
+    served = serve(3)
+    silent = await connect(served.port, 10)  # at the limit and past it
+    assert await status_of(served.port) == 200
+    assert [await closed(reader) for reader, _ in silent[:8]] == [True] * 8  # the oldest made room
+    assert served.places.open <= 3
+    for _, writer in silent:
+        writer.close()
+
+
+async def test_with_every_place_answering_a_newcomer_gets_503_then_is_served_once_one_is_free(serve) -> None:
+    served = serve(2)
+    held = [asyncio.ensure_future(status_of(served.port, GET.replace(b"/quick", b"/busy"))) for _ in range(2)]
+    await eventually(lambda: len(served.busy) == 2, within=5.0)
+    silent = await connect(served.port, 5)  # silent ones never take an answering one's place
+    assert await status_of(served.port) == 503
+    served.release.set()
+    assert await asyncio.gather(*held) == [200, 200]
+    assert await status_of(served.port) == 200
+    for _, writer in silent:
+        writer.close()
+
+
+async def test_bytes_that_are_not_http_are_refused_counted_and_cut_off_without_a_line_each(serve, caplog) -> None:
+    served = serve(100, per_second=5.0)
+    with caplog.at_level(logging.WARNING, logger="uvicorn.error"):
+        statuses = [await status_of(served.port, JUNK) for _ in range(20)]
+    assert statuses[:10] == [400] * 10  # a burst of twice the rate, then closed unread
+    assert set(statuses[11:]) == {None}, statuses
+    assert not [r for r in caplog.records if "Invalid HTTP request" in r.getMessage()]
+    assert served.access.refusals._reasons["bytes that are not an HTTP request"] >= 10

@@ -31,7 +31,7 @@ from bench.serve import HTTP_KINDS, MinerProcess
 from bench.stats import RunSamples, analyse, median, ms_percentiles, pooled, ratio
 from bench.upstream import UpstreamProcess, words
 from bench.validators import prompt
-from openai_miner.testing.validator import Answer, signing_client
+from openai_miner.testing.validator import Answer, ask_http, signing_client
 
 TIMEOUT = 60.0
 
@@ -64,26 +64,7 @@ class Clients:
 
 async def ask(client: httpx.AsyncClient, port: int, marker: str) -> Answer:
     """One streamed chat completion, every content chunk timed as it arrives."""
-    body = {"model": "loopback", "messages": [{"role": "user", "content": prompt(marker)}], "stream": True}
-    answer = Answer(label=marker, started=time.monotonic())
-    try:
-        async with client.stream(
-            "POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body,
-            headers={"X-Client-Timeout": str(TIMEOUT)},
-        ) as response:
-            answer.status = response.status_code
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                choices = json.loads(line[6:]).get("choices") or [{}]
-                content = (choices[0].get("delta") or {}).get("content")
-                if content:
-                    answer.chunks.append(content)
-                    answer.chunk_times.append(time.monotonic())
-    except Exception as error:  # counted as an error of the run
-        answer.error = f"{type(error).__name__}: {error}"
-    answer.ended = time.monotonic()
-    return answer
+    return await ask_http(client, port, prompt(marker), TIMEOUT, label=marker)
 
 
 async def run_case(

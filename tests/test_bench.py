@@ -91,19 +91,25 @@ def test_outage_bench_answers_every_validator_batched_and_one_at_a_time(tmp_path
 
 
 def test_hostile_bench_runs_every_attack_beside_a_quiet_run(tmp_path: Path, tiny_model: str) -> None:
-    """The real ``openai-miner`` process under each attack; validators answered throughout, the
-    stalled upstream answered locally (timings unchecked: ``python -m bench.hostile`` reports them)."""
+    """The real ``openai-miner`` process under each attack; validators answered throughout on both
+    fronts, the local model answering when the upstream stalls or fails (timings unchecked:
+    ``python -m bench.hostile`` reports them)."""
+    from bench.hostile import ATTACKS, IDLE_SOCKETS, LOCAL_CASES
+
     run_bench(
-        "bench.hostile", "--asks", "2", "--ramp", "1", "--hold", "0", "--model", tiny_model, "--out", str(tmp_path),
-        cwd=tmp_path, timeout=240,
+        "bench.hostile", "--asks", "2", "--ramp", "1", "--hold", "0", "--local-timeout", "6",
+        "--model", tiny_model, "--out", str(tmp_path), cwd=tmp_path, timeout=300,
     )
     results = json.loads((tmp_path / "hostile.json").read_text())
     assert (tmp_path / "hostile.md").read_text().startswith("Command: `python -m bench.hostile")
     cases = results["cases"]
-    assert list(cases) == ["quiet", "flood", "idle", "slow headers", "100k messages", "stalled upstream"]
-    for kind in ("quiet", "flood", "idle", "slow headers", "100k messages"):
+    assert list(cases) == ["quiet", *ATTACKS, *LOCAL_CASES]
+    for kind in ("quiet", *ATTACKS):
         assert cases[kind]["answered_with_text"] == cases[kind]["asked"] == 4, (kind, cases[kind])
+        assert set(cases[kind]["by_front"]) == {"axon", "http"}, (kind, cases[kind])
     assert cases["flood"]["attack"]["got"].get("403", 0) > 0  # refused, then cut off
-    assert cases["idle"]["attack"]["connections"] == 300
-    assert set(cases["100k messages"]["attack"]["got"]) == {"400"}  # refused before any work
-    assert cases["stalled upstream"]["answered_locally"] == 6
+    assert cases["idle"]["attack"]["connections"] == 2 * IDLE_SOCKETS
+    assert cases["junk"]["attack"]["got"].get("400", 0) > 0
+    assert set(cases["100k messages"]["attack"]["got"]) == {"413"}  # refused before any work
+    for kind in LOCAL_CASES:
+        assert cases[kind]["answered_locally"] >= 5, (kind, cases[kind])

@@ -1,6 +1,8 @@
 """One validator client, for either front: a real ``bt.Dendrite`` asking for a streamed answer,
-timed chunk by chunk (:func:`ask`), or the openai SDK signing its HTTP requests (:func:`openai_client`)."""
+timed chunk by chunk (:func:`ask`), the same over the HTTP front with a signing httpx client
+(:func:`ask_http`), or the openai SDK signing its HTTP requests (:func:`openai_client`)."""
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -80,6 +82,33 @@ async def ask(
             answer.chunk_times.append(time.monotonic())
             if on_chunk is not None:
                 on_chunk(item)
+    except Exception as error:  # recorded, never raised: a run counts its failures
+        answer.error = f"{type(error).__name__}: {error}"
+    answer.ended = time.monotonic()
+    return answer
+
+
+async def ask_http(
+    client: httpx.AsyncClient, port: int, content: str, timeout: float = 10.0, *, label: str = ""
+) -> Answer:
+    """Ask the HTTP front on 127.0.0.1:``port`` for a streamed answer (``client`` signs, see
+    :func:`signing_client`), recording every content chunk as it comes."""
+    body = {"model": "any", "messages": [{"role": "user", "content": content}], "stream": True}
+    answer = Answer(label=label, started=time.monotonic())
+    try:
+        async with client.stream(
+            "POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body,
+            headers={"X-Client-Timeout": str(timeout)}, timeout=timeout + 5,
+        ) as response:
+            answer.status = response.status_code
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                text = (choices[0].get("delta") or {}).get("content")
+                if text:
+                    answer.chunks.append(text)
+                    answer.chunk_times.append(time.monotonic())
     except Exception as error:  # recorded, never raised: a run counts its failures
         answer.error = f"{type(error).__name__}: {error}"
     answer.ended = time.monotonic()

@@ -109,6 +109,8 @@ class Miner(abc.ABC):
             wallet=self.wallet,
             config=self.config,
             external_ip=self.config.axon.external_ip or ("127.0.0.1" if self.config.mock else None),
+            access=self.access,
+            max_messages=self.config.neuron.max_messages,
         )
         self.exit_request = StopRequest()  # the real command also wakes it on signals
         self._thread: threading.Thread | None = None

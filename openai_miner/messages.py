@@ -4,6 +4,7 @@ Validation lives here, before any model work, so a malformed synapse costs nothi
 reason the validator can read.
 """
 
+import math
 from typing import Sequence
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
@@ -20,6 +21,18 @@ SPACES = " \t\r\n"  # what may surround a role; str.strip() would also take \x1c
 
 class InvalidPrompt(ValueError):
     """The synapse cannot be answered; ``str(error)`` is the reason sent to the validator."""
+
+
+MAX_TIMEOUT = 3600.0
+"""Seconds; validators ask for tens."""
+
+
+def checked_timeout(timeout: float | None) -> float | None:
+    """A validator's timeout, refused unless a deadline can come of it (JSON carries ``1e400``
+    and ``NaN``); one of 0 or less means the default."""
+    if timeout is not None and (not math.isfinite(timeout) or timeout > MAX_TIMEOUT):
+        raise InvalidPrompt(f"timeout must be a finite number of seconds up to {MAX_TIMEOUT:g}")
+    return timeout
 
 
 def shown(value: object, limit: int = 40) -> str:

@@ -36,6 +36,19 @@ def refused(answer: Answer, status: int, reason: str) -> bool:
     )
 
 
+def spy_refusals(miner, monkeypatch) -> list[tuple[str | None, str]]:
+    """Every (address, reason) the miner counts in its refusal summary (``Access.refused``)."""
+    seen: list[tuple[str | None, str]] = []
+    count = miner.access.refused
+
+    def recording(address: str | None, reason: str) -> None:
+        seen.append((address, reason))
+        count(address, reason)
+
+    monkeypatch.setattr(miner.access, "refused", recording)
+    return seen
+
+
 @pytest.mark.parametrize(
     ("roles", "messages", "reason"),
     [
@@ -53,14 +66,20 @@ def refused(answer: Answer, status: int, reason: str) -> bool:
          "blank-message", "no-user-message", "1MB-message"],
 )
 async def test_malformed_conversation_is_refused_with_its_reason(
-    serve_miner, validator, roles: list[str], messages: list[str], reason: str
+    serve_miner, validator, monkeypatch, caplog, roles: list[str], messages: list[str], reason: str
 ) -> None:
+    """The reason goes to the validator and to the periodic refusal summary, never to a log line
+    of its own: bittensor logged an ERROR line for each, the miner an INFO line."""
     source = FakeSource(TOKENS)
     miner = serve_miner(source=source)
-    async with bt.Dendrite(wallet=validator) as dendrite:
-        answer = await ask(dendrite, miner.axon, roles, messages, timeout=5)
-        following = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=5)
+    summarised = spy_refusals(miner, monkeypatch)
+    with caplog.at_level("INFO", logger="bittensor"):
+        async with bt.Dendrite(wallet=validator) as dendrite:
+            answer = await ask(dendrite, miner.axon, roles, messages, timeout=5)
+            following = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=5)
     assert refused(answer, 400, reason), answer.synapse.dendrite.status_message
+    assert len(summarised) == 1 and reason in summarised[0][1]
+    assert [r.getMessage() for r in caplog.records if r.levelname in ("INFO", "ERROR")] == []
     assert answer.ended - answer.started < 2.0
     assert len(source.seen) == 1  # only the good request reached the model
     assert following.status == 200 and following.text == ANSWER
@@ -111,12 +130,17 @@ RAW: dict[str, tuple[Any, set[int]]] = {
     "seed-not-an-int": (lambda b: tamper(b, seed="x"), {400, 422}),
     "other-messages": (lambda b: tamper(b, messages=["not what was signed"]), {400, 401}),
     "lone-surrogate": (lambda b: json.dumps(b).encode().replace(b'"hello"', b'"\\ud800"'), {400, 422}),
+    "timeout-of-400-digits": (lambda b: tamper(b, timeout=10**400), {400}),  # pydantic's float() overflowed: 500
+    "timeout-infinite": (lambda b: tamper(b, timeout=float("inf")), {400}),
+    "timeout-nan": (lambda b: tamper(b, timeout=float("nan")), {400}),
+    "nested-100k-deep": (lambda b: b"[" * 100_000 + b"]" * 100_000, {400}),
 }
 # bittensor's own axon answers these with an opaque 500 "Internal Server Error #<id>"; the miner's
 # Axon (neuron.py) answers 400 with the reason.
 REFUSED_400 = {
     "empty-body", "json-list", "roles-a-string", "roles-of-ints", "roles-of-null", "messages-a-string",
     "missing-roles", "missing-messages", "seed-not-an-int", "other-messages", "lone-surrogate",
+    "timeout-of-400-digits",
 }
 
 
@@ -222,18 +246,53 @@ async def test_any_synapse_contents_get_an_answer_or_a_refusal(answering_miner, 
         assert refused(answer, 400, "invalid prompt: "), answer.synapse.dendrite.status_message
 
 
-async def test_a_hundred_thousand_messages_are_refused_before_any_work(serve_miner, validator) -> None:
-    """Each message costs the shared event loop time; 100,000 one-character ones froze the miner ~20 s."""
+async def test_a_hundred_thousand_messages_are_refused_before_bittensor_parses_them(
+    serve_miner, validator, monkeypatch, caplog
+) -> None:
+    """FastAPI and bittensor parsed such a body twice as JSON and twice into a synapse, and hashed
+    and dumped it for the refusal's headers: 0.15 s of the event loop every validator shares, then
+    an ERROR and an INFO line, for each. Now its strings are counted first, and the refusal goes
+    to the summary."""
+    from starlette.requests import Request
+
+    parsed: list[str] = []
+    as_json = Request.json
+
+    async def counting(self: Request) -> Any:
+        parsed.append(self.url.path)
+        return await as_json(self)
+
+    monkeypatch.setattr(Request, "json", counting)
     source = FakeSource(["fine"])
     miner = serve_miner(source=source)
+    summarised = spy_refusals(miner, monkeypatch)
     many = ["x"] * 100_000
-    async with bt.Dendrite(wallet=validator) as dendrite:
-        flood, other = await asyncio.gather(
-            ask(dendrite, miner.axon, ["user"] * len(many), many, timeout=30),
-            ask(dendrite, miner.axon, ["user"], ["hello"], timeout=30),
-        )
-    assert refused(flood, 400, "100000 messages is over this miner's limit of 1024")
+    with caplog.at_level("INFO", logger="bittensor"):
+        async with bt.Dendrite(wallet=validator) as dendrite:
+            flood, other = await asyncio.gather(
+                ask(dendrite, miner.axon, ["user"] * len(many), many, timeout=30),
+                ask(dendrite, miner.axon, ["user"], ["hello"], timeout=30),
+            )
+    assert refused(flood, 413, "over 1024 messages (--neuron.max_messages)"), flood.message
     assert other.status == 200 and other.text == "fine" and len(source.seen) == 1
+    assert len(parsed) == 1  # the one that was answered
+    assert summarised == [("127.0.0.1", flood.message)]
+    assert [r.getMessage() for r in caplog.records if r.levelname in ("INFO", "ERROR")] == []
+
+
+async def test_the_message_cap_refuses_early_only_what_the_core_would_refuse(serve_miner, validator) -> None:
+    """At the limit answered; just over it refused by the core with the exact count; far over it
+    (more strings than the messages, their roles and the synapse's fields could be) refused
+    before anything parses the body."""
+    miner = serve_miner("--neuron.max_messages", "3", source=FakeSource(TOKENS))
+    async with bt.Dendrite(wallet=validator) as dendrite:
+        at_limit, over, well_over, far_over = [
+            await ask(dendrite, miner.axon, ["user"] * n, [f"m{i}" for i in range(n)], timeout=5) for n in (3, 4, 100, 300)
+        ]
+    assert at_limit.status == 200 and at_limit.text == ANSWER
+    assert refused(over, 400, "4 messages is over this miner's limit of 3")
+    assert refused(well_over, 400, "100 messages is over this miner's limit of 3")
+    assert refused(far_over, 413, "over 3 messages (--neuron.max_messages)")
 
 
 async def test_the_http_front_refuses_too_many_messages_too(serve_miner, validator) -> None:

@@ -136,7 +136,7 @@ async def test_validator_hanging_up_closes_the_upstream_request(serve_miner, val
     assert len(recorded.token_times) < 20  # of 200: it stopped, it did not run to the end
 
 
-async def test_one_hotkey_is_rate_limited_after_its_signature_is_checked(serve_miner, validator, wallets, chain) -> None:
+async def test_one_hotkey_is_rate_limited_after_its_signature_is_checked(serve_miner, validator, wallets, chain, caplog) -> None:
     from openai_miner.chain import register_mock_neuron
 
     other = wallets("other-validator")
@@ -148,6 +148,7 @@ async def test_one_hotkey_is_rate_limited_after_its_signature_is_checked(serve_m
     assert [a.status for a in answers] == [200, 200, 429]
     assert "requests in a minute" in answers[2].synapse.dendrite.status_message and answers[2].text == ""
     assert fine.status == 200 and fine.text == "ok"
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # in the refusal summary, not a line each
 
 
 async def test_axon_keeps_idle_connections_longer_than_the_dendrite(serve_miner, validator) -> None:
@@ -157,12 +158,12 @@ async def test_axon_keeps_idle_connections_longer_than_the_dendrite(serve_miner,
 
 
 async def test_prompt_fills_the_completion_through_the_same_drain(serve_miner) -> None:
-    from bittensor.core.errors import SynapseException
+    import fastapi
 
     from openai_miner.protocol import StreamPromptingSynapse
 
     miner = serve_miner("--neuron.streaming_batch_size", "4", source=FakeSource(TOKENS))
     answered = await miner.prompt(StreamPromptingSynapse(roles=["user"], messages=["hello"]))
     assert answered.completion == "".join(TOKENS)
-    with pytest.raises(SynapseException, match="unknown role"):
+    with pytest.raises(fastapi.HTTPException, match="unknown role"):
         await miner.prompt(StreamPromptingSynapse(roles=["wizard"], messages=["hello"]))

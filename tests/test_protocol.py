@@ -1,6 +1,9 @@
 import json
 
-from openai_miner.protocol import StreamPromptingSynapse
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from openai_miner.protocol import OTHER_STRINGS, StreamPromptingSynapse, strings_at_least
 
 
 class Content:
@@ -75,3 +78,37 @@ def test_required_fields_are_bittensors_but_cached() -> None:
     s = synapse()
     assert s.get_required_fields() == bt.Synapse.get_required_fields(s) == ["roles", "messages"]
     assert s.to_headers()["bt_header_input_obj_roles"]  # headers still carry the required inputs
+
+
+# -- counting a body's strings without parsing it ----------------------------------------------------
+
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(alphabet='"\\,: x\n\u00e9')),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(alphabet='"\\,x'), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+def strings_in(value: object) -> int:
+    if isinstance(value, str):
+        return 1
+    if isinstance(value, list):
+        return sum(strings_in(item) for item in value)
+    if isinstance(value, dict):
+        return len(value) + sum(strings_in(item) for item in value.values())
+    return 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(value=JSON_VALUES, layout=st.sampled_from([{}, {"separators": (",", ":")}, {"indent": 2}, {"ensure_ascii": False}]))
+def test_strings_at_least_is_between_half_and_all_of_a_bodys_strings(value, layout) -> None:
+    """Never over (a good body is never refused as too long), at least half (a sender cannot
+    hide 100,000 messages from it by quoting, escaping or spacing them)."""
+    body = json.dumps(value, **layout).encode()
+    assert strings_in(value) // 2 <= strings_at_least(body) <= strings_in(value)
+
+
+def test_strings_at_least_counts_a_synapse_in_c_not_by_parsing() -> None:
+    many = 100_000
+    body = json.dumps(StreamPromptingSynapse(roles=["user"] * many, messages=['say "x", \\'] * many).model_dump()).encode()
+    assert many <= strings_at_least(body) <= 2 * many + OTHER_STRINGS

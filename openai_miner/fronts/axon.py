@@ -17,13 +17,14 @@ from typing import Sequence
 import bittensor as bt
 import fastapi
 from bittensor.core.axon import create_error_response
-from bittensor.core.errors import SynapseException
+from fastapi.routing import APIRoute
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from openai_miner.access import Access, Refusal
 from openai_miner.core import Core, Question
-from openai_miner.messages import InvalidPrompt
-from openai_miner.protocol import StreamPromptingSynapse
+from openai_miner.messages import InvalidPrompt, checked_timeout
+from openai_miner.protocol import OTHER_STRINGS, StreamPromptingSynapse, strings_at_least
 from openai_miner.sources.base import Token
 from openai_miner.streaming import Emit, text_of
 
@@ -31,12 +32,54 @@ StreamingResponse = StreamPromptingSynapse.BTStreamingResponse
 
 
 class Axon(bt.Axon):
-    """bittensor's axon, answering a malformed body with 400 and a reason instead of an opaque 500."""
+    """bittensor's axon, answering a malformed body with 400 and a reason instead of an opaque 500,
+    and a body of more messages than the core takes with 413 before anything parses it."""
+
+    def __init__(self, *args: typing.Any, access: Access, max_messages: int, **kwargs: typing.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.access = access
+        self.max_messages = max_messages
+        self.router.route_class = self._screening_route()  # the routes attach() adds from now on
+
+    def screen(self, request: fastapi.Request, body: bytes) -> Response | None:
+        """A 413 for a body holding more strings than ``max_messages`` messages, their roles and
+        the synapse's other fields could, or ``None``.
+
+        FastAPI and bittensor parse such a body twice as JSON and twice into a synapse and hash
+        it: 45 ms of the event loop every validator shares for 100,000 one-character messages,
+        only for the core to refuse them. Counting its strings takes 2 ms.
+        """
+        strings, most = strings_at_least(body), 2 * self.max_messages + OTHER_STRINGS
+        if strings <= most:
+            return None
+        reason = f"over {self.max_messages} messages (--neuron.max_messages): the body holds at least {strings} strings"
+        self.access.refused(client_address(request.scope), reason)
+        return refusal(413, reason)
+
+    def _screening_route(self) -> type[APIRoute]:
+        """FastAPI's route, with :meth:`screen` on the raw body first. It runs after bittensor's
+        middleware checked the signature and nonce from the headers: reading a body before that
+        let a validator's small request overtake its large one, whose nonce was then too old."""
+        screen = self.screen
+
+        class ScreenedRoute(APIRoute):
+            def get_route_handler(self) -> typing.Callable[[fastapi.Request], typing.Awaitable[Response]]:
+                handler = super().get_route_handler()
+
+                async def screened(request: fastapi.Request) -> Response:
+                    refused = screen(request, await request.body())  # Starlette keeps it for FastAPI
+                    return refused if refused is not None else await handler(request)
+
+                return screened
+
+        return ScreenedRoute
 
     async def verify_body_integrity(self, request: fastapi.Request) -> dict:
         try:
             return await super().verify_body_integrity(request)
-        except (ValueError, TypeError) as error:  # JSON, UTF-8, field types, body-hash mismatch
+        except (ValueError, TypeError, OverflowError, RecursionError) as error:
+            # JSON, UTF-8, field types, body-hash mismatch; pydantic's float() of a 400-digit
+            # int; nesting deeper than the interpreter's stack
             raise fastapi.HTTPException(400, f"invalid synapse body ({type(error).__name__})") from None
 
 
@@ -97,14 +140,6 @@ class AxonDoor:
         return None
 
 
-def refuse(synapse: StreamPromptingSynapse, status: int, reason: str) -> SynapseException:
-    """An error the axon turns into an HTTP ``status`` response carrying ``reason`` to the validator."""
-    if synapse.axon is not None:
-        synapse.axon.status_code = status
-        synapse.axon.status_message = reason
-    return SynapseException(reason, synapse=synapse)
-
-
 def caller(synapse: StreamPromptingSynapse) -> tuple[str | None, int | None]:
     """The (already verified) hotkey and nonce of the validator that sent ``synapse``."""
     return (synapse.dendrite.hotkey, synapse.dendrite.nonce) if synapse.dendrite else (None, None)
@@ -163,10 +198,12 @@ class AxonGate:
         return self.access.priority(caller(synapse)[0])
 
     def admit(self, synapse: StreamPromptingSynapse) -> None:
-        """After the signature checks: rate limit and repeated prompts (429)."""
-        refusal = self.access.admit(caller(synapse)[0], synapse.messages)
-        if refusal is not None:
-            raise refuse(synapse, refusal.status, refusal.reason)
+        """After the signature checks: rate limit and repeated prompts (429), as FastAPI's
+        ``HTTPException`` (see :func:`question`), counted in the summary."""
+        refused = self.access.admit(caller(synapse)[0], synapse.messages)
+        if refused is not None:
+            self.access.refused(None, refused.reason)
+            raise fastapi.HTTPException(refused.status, refused.reason)
 
     def arrived(self, synapse: StreamPromptingSynapse) -> float:
         """When ``synapse`` reached the axon (now, if it was never noted)."""
@@ -174,13 +211,21 @@ class AxonGate:
 
 
 def question(core: Core, synapse: StreamPromptingSynapse, arrived: float | None = None) -> Question:
-    """The synapse as the core's question, or a 400 refusal with the reason."""
+    """The synapse as the core's question, or a 400 with the reason.
+
+    The 400 is FastAPI's ``HTTPException``, answered inside bittensor's middleware. bittensor's
+    own exception logged an ERROR line per refusal and wrote the whole synapse into the error's
+    headers (0.1 s for 100,000 messages). The refusal goes to the summary, against no address:
+    the synapse's is the body's claim, not the connection's.
+    """
     try:
         messages = core.chat(synapse.roles, synapse.messages, synapse.task_name)
+        timeout = checked_timeout(synapse.timeout)
     except InvalidPrompt as invalid:
-        bt.logging.info(f"refused a malformed synapse: {invalid}")
-        raise refuse(synapse, 400, f"invalid prompt: {invalid}") from invalid
-    return Question(messages, core.deadline(synapse.timeout, arrived), caller(synapse)[0])
+        reason = f"invalid prompt: {invalid}"
+        core.access.refused(None, reason)
+        raise fastapi.HTTPException(400, reason) from None
+    return Question(messages, core.deadline(timeout, arrived), caller(synapse)[0])
 
 
 def stream(core: Core, synapse: StreamPromptingSynapse, arrived: float | None = None) -> StreamingResponse:

@@ -12,6 +12,7 @@ says which tasks and models this miner takes; ``GET /health`` is for process man
 import argparse
 import asyncio
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from starlette.routing import Route
 from openai_miner.config import add_bool, at_least
 from openai_miner.core import Core, Question
 from openai_miner.fronts.auth import Authenticator, AuthError
-from openai_miner.messages import InvalidPrompt
+from openai_miner.messages import MAX_TIMEOUT, InvalidPrompt
 from openai_miner.sources.base import Sampling, Token
 from openai_miner.streaming import StreamResult, text_of
 from openai_miner.system_prompts import task_key
@@ -79,15 +80,65 @@ class ChatRequest:
     sampling: Sampling
 
 
-def _number(body: Mapping[str, Any], name: str, kind: type, low: float | None = None) -> Any:
-    value = body.get(name)
+INT32 = 2**31 - 1
+INT64 = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Bound:
+    """What a numeric field may be: ``kind`` (``int`` takes a whole float too), ``low`` to ``high``."""
+
+    kind: type
+    low: float
+    high: float
+
+
+# The upper bounds are what the OpenAI API, vLLM and torch take: a token count or top-k in an
+# int32, a seed in an int64 (OpenAI; torch.manual_seed), top_p a probability, at most 20
+# alternatives (OpenAI's limit; torch.topk fails past the vocabulary), a temperature far past
+# any useful one (OpenAI's limit is 2).
+BOUNDS = {
+    "temperature": Bound(float, 0, 100),
+    "top_p": Bound(float, 0, 1),
+    "top_k": Bound(int, 0, INT32),
+    "max_tokens": Bound(int, 1, INT32),
+    "max_completion_tokens": Bound(int, 1, INT32),
+    "max_new_tokens": Bound(int, 1, INT32),
+    "seed": Bound(int, -INT64 - 1, INT64),
+    "top_logprobs": Bound(int, 0, 20),
+    "timeout": Bound(float, 0, MAX_TIMEOUT),
+}
+
+
+def _number(body: Mapping[str, Any], name: str) -> Any:
+    """``body[name]`` within its :data:`BOUNDS`, ``None`` if absent; a reason if it is not.
+
+    JSON numbers arrive as ints of any size (``float()`` of one past 1e308 overflows) and as
+    floats that may be infinite or NaN (``1e400``, ``NaN``); both are compared, never converted,
+    until they are known to be in bounds.
+    """
+    value, bound = body.get(name), BOUNDS[name]
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidPrompt(f"{name} must be a number, not {type(value).__name__}")
-    if low is not None and value < low:
-        raise InvalidPrompt(f"{name} must be at least {low:g}")
-    return kind(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidPrompt(f"{name} must be a finite number")
+    if bound.kind is int and isinstance(value, float) and not value.is_integer():
+        raise InvalidPrompt(f"{name} must be a whole number")
+    if not bound.low <= value <= bound.high:
+        raise InvalidPrompt(f"{name} must be from {bound.low} to {bound.high}")
+    return bound.kind(value)
+
+
+def _unicode(text: str) -> bool:
+    """Whether ``text`` can be written back as UTF-8: JSON's ``"\\ud800"`` decodes to a lone
+    surrogate, which cannot (and a response echoing one failed with a 500)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _content(value: Any, index: int) -> str:
@@ -118,27 +169,41 @@ def parse_chat(body: Any) -> ChatRequest:
     logprobs = merged.get("logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
         raise InvalidPrompt("logprobs must be true or false")
-    top = _number(merged, "top_logprobs", int, 0)
-    max_tokens = _number(merged, "max_tokens", int, 1) or _number(merged, "max_completion_tokens", int, 1)
+    top = _number(merged, "top_logprobs")
+    max_tokens = _number(merged, "max_tokens") or _number(merged, "max_completion_tokens")
     sampling = Sampling(
-        temperature=_number(merged, "temperature", float, 0),
-        top_p=_number(merged, "top_p", float, 0),
-        top_k=_number(merged, "top_k", int, 0),
-        max_tokens=max_tokens or _number(merged, "max_new_tokens", int, 1),
-        seed=_number(merged, "seed", int),
+        temperature=_number(merged, "temperature"),
+        top_p=_number(merged, "top_p"),
+        top_k=_number(merged, "top_k"),
+        max_tokens=max_tokens or _number(merged, "max_new_tokens"),
+        seed=_number(merged, "seed"),
         stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
         top_logprobs=(top or 0) if logprobs else None,
     )
     model, task = body.get("model"), body.get("task")
+    if isinstance(model, str) and not _unicode(model):  # echoed in every chunk
+        raise InvalidPrompt("model must be valid Unicode")
     return ChatRequest(
         roles=roles,
         contents=contents,
         model=model if isinstance(model, str) else None,
         stream=body.get("stream") is True,
         task=task if isinstance(task, str) else None,
-        timeout=_number(body, "timeout", float, 0),
+        timeout=_number(body, "timeout"),
         sampling=sampling,
     )
+
+
+def parse_body(body: bytes) -> ChatRequest:
+    """The raw body as a :class:`ChatRequest`, or a 400 :class:`Refused` saying why not."""
+    try:
+        return parse_chat(json.loads(body))
+    except InvalidPrompt as invalid:
+        raise Refused(400, f"invalid request: {invalid}") from None
+    # JSONDecodeError, UnicodeDecodeError, an int of over 4,300 digits; nesting past the
+    # interpreter's depth (parsing it, or repr() of a role made of it)
+    except (ValueError, RecursionError) as error:
+        raise Refused(400, f"invalid request: the body is not JSON we can read ({type(error).__name__})") from None
 
 
 def logprob_entry(token: Token) -> dict[str, Any]:
@@ -246,11 +311,7 @@ class HttpFront:
         arrived = time.monotonic()
         try:
             hotkey, body = await self.admitted(request)
-            try:
-                asked = parse_chat(json.loads(body))
-            except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError and InvalidPrompt
-                reason = str(error) if isinstance(error, InvalidPrompt) else f"the body is not JSON ({type(error).__name__})"
-                raise Refused(400, f"invalid request: {reason}") from None
+            asked = parse_body(body)
             limited = self.core.access.admit(hotkey, asked.contents)
             if limited is not None:
                 raise Refused(limited.status, limited.reason)
@@ -311,11 +372,15 @@ class HttpFront:
             asked = json.loads(await self.body(request))
         except Refused as refused:
             return refusal(refused.status, refused.reason)
-        except ValueError:
+        except (ValueError, RecursionError):
             return refusal(400, "the body is not JSON")
+        except ClientDisconnect:
+            return Response(status_code=400)
         tasks, models = (asked.get(key) if isinstance(asked, dict) else None for key in ("task_availabilities", "llm_model_availabilities"))
         if not isinstance(tasks or {}, dict) or not isinstance(models or {}, dict):
             return refusal(400, "task_availabilities and llm_model_availabilities must be objects")
+        if not all(_unicode(name) for name in (*(tasks or {}), *(models or {}))):  # echoed back
+            return refusal(400, "task and model names must be valid Unicode")
         return JSONResponse({
             "task_availabilities": {task: task_key(task) in self.tasks for task in tasks or {}},
             "llm_model_availabilities": {model: model in self.models for model in models or {}},
@@ -333,9 +398,11 @@ def _target(request: Request) -> str:
 
 
 def _timeout(header: str | None, body: float | None) -> float | None:
-    """The validator's timeout: ``X-Client-Timeout``, else the body's ``timeout``."""
+    """The validator's timeout: ``X-Client-Timeout`` when it is a usable one, else the body's
+    ``timeout``. The header is advice a proxy may add, so a bad one is ignored, not refused;
+    ``float()`` takes ``inf``, ``nan`` and ``1e999``, none a deadline."""
     try:
         value = float(header) if header is not None else None
     except ValueError:
         value = None
-    return value if value is not None and value > 0 else body
+    return value if value is not None and 0 < value <= MAX_TIMEOUT else body

@@ -62,6 +62,14 @@ class OpenAIMiner(Miner):
     def source(self) -> TokenSource:
         return self.core.source
 
+    def stop_run_thread(self, grace: float = 1.0) -> None:
+        """Stop serving, then stop the token source's own threads (the local model's), so that none
+        is still inside a native step when the interpreter exits (that aborted the process)."""
+        super().stop_run_thread(grace)
+        close = getattr(self.core.source, "close", None)
+        if close is not None:
+            close()
+
     def backend(self) -> str:
         """Which model answers, for the start-up summary (never the key)."""
         return self.core.source.describe()

@@ -113,3 +113,19 @@ def test_hostile_bench_runs_every_attack_beside_a_quiet_run(tmp_path: Path, tiny
     assert set(cases["100k messages"]["attack"]["got"]) == {"413"}  # refused before any work
     for kind in LOCAL_CASES:
         assert cases[kind]["answered_locally"] >= 5, (kind, cases[kind])
+
+
+def test_local_load_bench_runs_every_case_quiet_and_with_a_core_busy(tmp_path: Path, tiny_model: str) -> None:
+    from bench.local_load import CASES, LOADS
+
+    run_bench(
+        "bench.local_load", "--validators", "2", "--timeout", "4", "--cut-timeout", "2", "--model", tiny_model,
+        "--out", str(tmp_path), cwd=tmp_path, timeout=240,
+    )
+    results = json.loads((tmp_path / "local_load.json").read_text())
+    assert (tmp_path / "local_load.md").read_text().startswith("Command: `python -m bench.local_load")
+    cases = results["threads"]["0"]
+    assert set(cases) == {f"{name}, {load}" for name in CASES for load in LOADS}
+    for name, case in cases.items():
+        assert case["answered_with_text"] == case["asked"] == 2, (name, case)
+    assert all("busy_after_cut_s" in cases[f"cut, {load}"] for load in LOADS)

@@ -46,6 +46,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "mid-batch joins at the next step); 1 answers one at a time.",
     )
     parser.add_argument(
+        "--fallback.threads", type=at_least(0), default=0,
+        help="Threads of the local model on CPU (0: one fewer than the cores, at least 1): a thread whose "
+        "core another process holds stalls every step of the others.",
+    )
+    parser.add_argument(
         "--fallback.dtype", type=str, choices=("auto", "float32", "bfloat16", "float16"), default="auto", metavar="DTYPE",
         help="Weights' dtype: auto is bfloat16 on CUDA (float16 where the GPU lacks bf16), float32 on CPU.",
     )
@@ -153,6 +158,7 @@ def local_source(config: bt.Config, *, required: bool) -> "LocalSource | None":
             temperature=settings.temperature,
             dtype=settings.dtype,
             repetition_penalty=settings.repetition_penalty,
+            threads=settings.threads,
         )
     except ValueError as invalid:  # e.g. CUDA asked for where there is none: a bad setting
         raise ConfigError(f"--fallback.device (or FALLBACK_DEVICE): {invalid}") from invalid

@@ -114,6 +114,12 @@ class FallbackSource:
     def models(self) -> frozenset[str]:
         return frozenset().union(*(source.models() for source in self.members().values()))
 
+    def close(self) -> None:
+        """Stop whatever the local model computes (the miner calls it as it stops)."""
+        close = getattr(self.local, "close", None)
+        if close is not None:
+            close()
+
     def describe(self) -> str:
         if self.primary is None or self.local is None:
             only = self.primary or self.local

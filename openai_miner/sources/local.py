@@ -36,6 +36,12 @@ not run in a batch and covers the prompt, so both paths use :func:`penalize`.
 A prompt over the model's context keeps its most recent tokens: past its trained positions a model
 answers nonsense, or fails outright.
 
+**Under load.** On CPU the model computes on one thread fewer than the cores (``threads``): with
+every core in a step, one core taken by another process stalled each step at the threads'
+barriers, and a stalled upstream left most validators unanswered. :meth:`LocalSource.close` stops
+every generation at its next step and waits for its thread: the miner calls it as it stops, since
+a thread torn down mid-step at exit aborts the process.
+
 The pieces: loading in :mod:`~openai_miner.sources.local_model`, the running batch in
 :mod:`~openai_miner.sources.local_batch`, and what both paths do token by token (decoding, stop
 strings, the repetition guard) in :mod:`~openai_miner.sources.local_text`.
@@ -47,7 +53,7 @@ import math
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -60,7 +66,14 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling, Token, UpstreamError
 from openai_miner.sources.local_batch import Batch, BatchRequest, batch_processors, cb_classes
-from openai_miner.sources.local_model import LoadedModel, load_model, pick_device, pick_dtype
+from openai_miner.sources.local_model import (
+    LoadedModel,
+    adopt_threads,
+    cpu_threads,
+    load_model,
+    pick_device,
+    pick_dtype,
+)
 from openai_miner.sources.local_text import Decoder, StopStrings, exempt, penalize
 
 ROLES: dict[type[BaseMessage], str] = {
@@ -197,8 +210,9 @@ class LocalSource:
     place, each within its deadline). ``dtype`` is ``auto`` (bfloat16 on CUDA, float16 where the GPU
     lacks it, float32 on CPU), ``float32``, ``bfloat16`` or ``float16``. ``repetition_penalty`` is
     used for models whose generation config sets none (1.0: none). ``batching=False`` sends every
-    request to the plain ``generate()`` path. ``loader`` turns (model, device, dtype) into a
-    :class:`LoadedModel`; tests pass a slow one.
+    request to the plain ``generate()`` path. ``threads`` is how many threads a CPU step uses (0:
+    one fewer than the cores, see :func:`cpu_threads`). ``loader`` turns (model, device, dtype)
+    into a :class:`LoadedModel`; tests pass a slow one.
     """
 
     name = "local"
@@ -213,6 +227,7 @@ class LocalSource:
         dtype: str = "auto",
         repetition_penalty: float = REPETITION_PENALTY,
         batching: bool = True,
+        threads: int = 0,
         executor: ThreadPoolExecutor | None = None,
         loader: Callable[[str, str, str], LoadedModel] = load_model,
     ) -> None:
@@ -229,6 +244,7 @@ class LocalSource:
         self.temperature = temperature
         self.repetition_penalty = repetition_penalty
         self.batching = batching
+        self.threads = threads
         self._executor = executor or ThreadPoolExecutor(
             max_workers=max_batch, thread_name_prefix="local-generate"
         )
@@ -240,6 +256,7 @@ class LocalSource:
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         self._count_lock = threading.Lock()
         self._plain = 0
+        self._plain_jobs: dict[Future[None], threading.Event] = {}
         self._batch: Batch | None = None
         self._batch_lock = threading.Lock()
         self._batch_unavailable: str | None = None
@@ -266,18 +283,37 @@ class LocalSource:
         """Load the model once (blocking) and start its batch; later calls return the same one."""
         with self._load_lock:
             if self._loaded is None:
+                if self.device == "cpu":
+                    self._use_cpu_threads()
                 loaded = self._loader(self.model, self.device, self._dtype_name)
                 if self.batching and _cannot_batch(loaded.model) is None:
                     self._start_batch(loaded)  # its cache is allocated now, not by the first request
                 self._loaded = loaded
             return self._loaded
 
-    def close(self) -> None:
-        """Stop the batch's thread (a later request starts a fresh one)."""
+    def _use_cpu_threads(self) -> None:
+        threads = cpu_threads(self.threads)
+        torch.set_num_threads(threads)  # the whole process's: every thread started from now on
+        bt.logging.info(f"the local model computes on {threads} CPU thread(s) (--fallback.threads)")
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop generating, and return once no thread of this source computes any more.
+
+        The miner calls it before it exits: a generating thread still in a native step when the
+        interpreter tears it down aborts the process (``terminate called without an active
+        exception``). A later request starts a fresh batch.
+        """
         with self._batch_lock:
             batch, self._batch = self._batch, None
         if batch is not None:
-            batch.close()
+            batch.close(timeout)
+        with self._count_lock:
+            jobs = dict(self._plain_jobs)
+        for stop in jobs.values():
+            stop.set()  # each generate() ends at its next step
+        _, running = wait(jobs, timeout=timeout)
+        if running:
+            bt.logging.warning(f"{len(running)} local generation(s) still running after {timeout:g}s")
 
     def _background_load(self) -> "Future[LoadedModel]":
         """The one load in progress, started now if none is (or the last one failed).
@@ -467,6 +503,13 @@ class LocalSource:
             drop_unsupported_processors=True,
         )
         manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=cb_config)
+        loop = manager._run_generation_loop
+
+        def run_on_our_threads(**kwargs: Any) -> None:  # the manager's own thread, started by start()
+            adopt_threads()
+            loop(**kwargs)
+
+        manager._run_generation_loop = run_on_our_threads
         processors = manager.logit_processor
         repetition, greedy = batch_processors(self._penalty(loaded), exempt(loaded))
         processors.logits_processor.insert(0, repetition)  # before temperature, as in generate()
@@ -539,6 +582,9 @@ class LocalSource:
         except BaseException:
             slots.release()
             raise
+        with self._count_lock:
+            self._plain_jobs[job] = stop  # for close(): stopped, and waited for, when the miner stops
+        job.add_done_callback(self._plain_ended)
         # The place is freed when the thread really ends, not when this request gives up on it.
         job.add_done_callback(lambda _: _release_soon(loop, slots))
         try:
@@ -548,6 +594,10 @@ class LocalSource:
             raise UpstreamError(f"local model failed while generating: {type(exc).__name__}") from exc
         finally:
             stop.set()
+
+    def _plain_ended(self, job: "Future[None]") -> None:
+        with self._count_lock:
+            self._plain_jobs.pop(job, None)
 
     def _generate(
         self,
@@ -561,6 +611,7 @@ class LocalSource:
     ) -> None:
         if stop.is_set():  # abandoned while waiting for a thread: skip the prefill too
             return
+        adopt_threads()
         with self._count_lock:
             self._plain += 1
         try:

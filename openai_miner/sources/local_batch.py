@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import bittensor as bt
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -168,8 +169,16 @@ class Batch:
             except RuntimeError:
                 pass
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the manager after its current step and wait for its thread and the dispatcher to end.
+
+        A hard stop: the manager's default stop first generates every request it holds to its end.
+        """
         self.closed = True
         if self.manager.is_running():
-            self.manager.stop(block=True, timeout=10)
+            self.manager.stop(block=True, timeout=timeout, hard_stop=True)
+        if self.manager.is_running():
+            bt.logging.warning(f"the local model's batch thread still runs {timeout:g}s after its stop")
+        if self.dispatcher is not threading.current_thread():
+            self.dispatcher.join(timeout)
         self._fail_all("the batch was stopped")

@@ -194,6 +194,6 @@ def test_cli_serves_until_interrupted() -> None:
             reply = httpx.post(f"{base_url}/chat/completions", json=body)
             assert reply.json()["choices"][0]["message"]["content"] == "Hi there"
             cli.send_signal(signal.SIGINT)
-            assert cli.wait(timeout=5) == 0
+            assert cli.wait(timeout=30) == 0
         finally:
             cli.kill()

@@ -1,8 +1,9 @@
-"""The base ``Miner``: wallet, chain, registry, the axon and its gate, and the run loop.
+"""The base ``Miner``: wallet, chain, registry, its fronts, and the run loop.
 
 Subclasses supply the answer (:meth:`Miner.forward`, :meth:`Miner.prompt`). Everything here is
-the part every subnet-1 miner needs and few get right: refusing unregistered callers before any
-work, serving the axon, keeping the registry fresh, and stopping cleanly.
+the part every miner needs and few get right: refusing unregistered callers before any work,
+serving every enabled front (:mod:`openai_miner.fronts.base`; this module names none of them),
+publishing the advertised one on chain, keeping the registry fresh, and stopping cleanly.
 
 No ``from __future__ import annotations`` here: bittensor's ``Axon.attach`` compares the real
 annotation objects of ``forward``/``blacklist``/``priority``.
@@ -14,11 +15,9 @@ import logging
 import threading
 import typing
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import ClassVar, Mapping, Sequence
 
 import bittensor as bt
-import uvicorn
-from starlette.types import ASGIApp
 
 from openai_miner import access, core, system_prompts
 from openai_miner.access import Access
@@ -28,7 +27,7 @@ from openai_miner.config import (
     ACCESS,
     ANSWERS,
     CHAIN,
-    HTTP,
+    FRONTS,
     ConfigError,
     Help,
     HelpAll,
@@ -39,15 +38,14 @@ from openai_miner.config import (
     group,
     tidy_help,
 )
-from openai_miner.fronts import http
-from openai_miner.fronts.axon import Axon, AxonDoor, AxonGate, StreamingResponse
+from openai_miner.fronts.axon import AxonGate, StreamingResponse, chain_identity
+from openai_miner.fronts.base import Front, discover, unique
 from openai_miner.protocol import StreamPromptingSynapse
 from openai_miner.serving import Servers, StopRequest, harden, places_per_front, raise_file_limit
 from openai_miner.startup import (
     NotRegistered,
     StartupError,
     chain_errors,
-    ensure_port_free,
     mock_wallet,
     require_wallet,
     wait_port,
@@ -74,6 +72,10 @@ def label_own_lines() -> None:
 
 class Miner(abc.ABC):
     """A subnet-1 miner: subclass and implement :meth:`forward` and :meth:`prompt`."""
+
+    front_types: ClassVar[Sequence[type[Front]] | None] = None
+    """The fronts this miner may serve; ``None``: the built-in ones, then those registered under the
+    ``openai_miner.fronts`` entry-point group (:func:`~openai_miner.fronts.base.discover`)."""
 
     def __init__(
         self,
@@ -104,14 +106,10 @@ class Miner(abc.ABC):
                 self.wallet.coldkeypub.ss58_address,
             )
         self.access = Access.from_config(self.config, fetch_registry(self.subtensor, netuid))
-        self.gate = AxonGate(self.access)
-        self.axon = axon or Axon(
-            wallet=self.wallet,
-            config=self.config,
-            external_ip=self.config.axon.external_ip or ("127.0.0.1" if self.config.mock else None),
-            access=self.access,
-            max_messages=self.config.neuron.max_messages,
-        )
+        self.gate = AxonGate(self.access)  # the seed API's blacklist and priority
+        self.axon = axon or chain_identity(self.wallet, self.config, self.access)
+        self.fronts: list[Front] = [kind(self) for kind in type(self).front_classes() if kind.enabled(self.config)]
+        self.advertised = self.choose_advertised()
         self.exit_request = StopRequest()  # the real command also wakes it on signals
         self._thread: threading.Thread | None = None
         self.servers: Servers | None = None
@@ -153,6 +151,11 @@ class Miner(abc.ABC):
         return build_config(parser, argv, env)
 
     @classmethod
+    def front_classes(cls) -> tuple[type[Front], ...]:
+        """The fronts this miner may serve (:attr:`front_types`), each enabled by its own flags."""
+        return discover() if cls.front_types is None else unique(cls.front_types)
+
+    @classmethod
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
         bt.Wallet.add_args(parser)
         bt.Subtensor.add_args(parser)
@@ -177,11 +180,17 @@ class Miner(abc.ABC):
         )
         chain.add_argument(
             "--neuron.max_body_bytes", type=at_least(1024), default=2_000_000,
-            help="Refuse larger request bodies with HTTP 413 (both fronts), before reading them whole.",
+            help="Refuse larger request bodies with HTTP 413 (every front), before reading them whole.",
         )
-        front = group(parser, HTTP)
-        add_bool(front, "--axon.off", default=False, help="Serve no axon: the HTTP front (--http.port) alone.")
-        http.add_args(front)
+        fronts = group(parser, FRONTS)
+        kinds = cls.front_classes()
+        for kind in kinds:
+            kind.add_args(fronts)
+        fronts.add_argument(
+            "--advertise", choices=[kind.name for kind in kinds], default=None,
+            help="The front whose port the chain publishes (default: the axon when served, else the first "
+            "front served).",
+        )
         answers = group(parser, ANSWERS)
         core.add_args(answers)
         system_prompts.add_args(answers)
@@ -197,12 +206,7 @@ class Miner(abc.ABC):
     async def prompt(self, synapse: StreamPromptingSynapse) -> StreamPromptingSynapse:
         """Answer ``synapse`` whole: fill ``completion`` and return it."""
 
-    # -- what the axon calls --------------------------------------------------------------------
-
-    def _prompt(self, synapse: StreamPromptingSynapse) -> StreamingResponse:
-        """The axon's entry point, after signature checks: rate limit, refuse a recent repeat, forward."""
-        self.gate.admit(synapse)
-        return self.forward(synapse)
+    # -- what the axon calls (SN1's seed API) ---------------------------------------------------
 
     def blacklist(self, synapse: StreamPromptingSynapse) -> typing.Tuple[bool, str]:
         return self.gate.blacklist(synapse)
@@ -228,56 +232,68 @@ class Miner(abc.ABC):
                 f"`btcli subnet register --netuid {self.config.netuid}`, or run with --mock to try it offline"
             )
 
-    def http_app(self) -> ASGIApp | None:
-        """The HTTP front's app, for ``--http.port``; a miner without one returns ``None``."""
-        return None
+    def can_answer(self) -> bool:
+        """Whether a request would be answered now (a front may say so to validators); a miner
+        whose model loads while it serves says no until it is loaded."""
+        return True
+
+    def choose_advertised(self) -> Front:
+        """The front the chain publishes: ``--advertise`` (or a front's own flag asking for it), else
+        the first served, in :meth:`front_classes`' order. Refuses a configuration serving nothing,
+        or advertising a front it does not serve."""
+        if not self.fronts:
+            switches = ", ".join(kind.switch for kind in type(self).front_classes())
+            raise ConfigError(f"nothing to serve: every front is off (turn one on: {switches})")
+        asked = [kind.name for kind in type(self).front_classes() if kind.advertise_asked(self.config)]
+        wanted = self.config.advertise or next(iter(asked), None)
+        if wanted is None:
+            return self.fronts[0]
+        for front in self.fronts:
+            if front.name == wanted:
+                return front
+        served = ", ".join(front.name for front in self.fronts)
+        raise ConfigError(f"--advertise {wanted}: that front is not served (served: {served})")
 
     @property
     def ports(self) -> list[int]:
-        """The ports this miner serves on: the axon's (unless ``--axon.off``), the HTTP front's."""
-        return [port for port in (None if self.config.axon.off else self.axon.port, self.config.http.port) if port]
+        """The ports this miner serves on, one per enabled front."""
+        return [front.port for front in self.fronts]
+
+    @property
+    def published(self) -> tuple[str | None, int]:
+        """The IP and port the chain publishes for this miner: the advertised front's."""
+        return self.advertised.published
 
     def check_ports(self) -> None:
-        """Something to serve, on distinct ports that are free now."""
-        settings = self.config
-        if settings.axon.off and settings.http.port is None:
-            raise ConfigError("--axon.off leaves nothing to serve: set --http.port (or HTTP_PORT)")
-        if not settings.axon.off and settings.http.port == self.axon.port:
-            raise ConfigError(f"--http.port {settings.http.port} is the axon's port: pick another")
-        if not settings.axon.off:
-            ensure_port_free(self.axon.port)
-        if settings.http.port is not None:
-            ensure_port_free(settings.http.port, "HTTP front", "--http.port")
+        """Every front on its own port, each free now."""
+        owners: dict[int, Front] = {}
+        for front in self.fronts:
+            other = owners.setdefault(front.port, front)
+            if other is not front:
+                raise ConfigError(f"{front.port_flag} {front.port} is the {other.label}'s port: pick another")
+        for front in self.fronts:
+            front.check_port()
 
     def start_axon(self) -> None:
-        """Check, attach, advertise and start every front; returns once each is listening."""
+        """Check, start and advertise every front; returns once each is listening.
+
+        (The name is the seed template's: it starts every front, the axon among them.)
+        """
         settings = self.config
         self.check_registered()
         self.check_ports()
-        servers: list[uvicorn.Server] = []
         files = raise_file_limit()
-        self.places = places_per_front(files, len(self.ports), settings.neuron.max_connections)
+        self.places = places_per_front(files, len(self.fronts), settings.neuron.max_connections)
         if self.places < settings.neuron.max_connections:
             bt.logging.warning(
                 f"the open-file limit is {files}: {self.places} connections per front, not "
                 f"--neuron.max_connections {settings.neuron.max_connections}; raise `ulimit -n`"
             )
-        hardening = dict(idle=settings.neuron.idle_seconds, max_connections=self.places, access=self.access)
-        if not settings.axon.off:
-            self.axon.attach(forward_fn=self._prompt, blacklist_fn=self.blacklist, priority_fn=self.priority)
-            self.axon.app.add_middleware(AxonDoor, access=self.access, max_bytes=settings.neuron.max_body_bytes)
-            harden(self.axon.fast_config, **hardening)
-            servers.append(self.axon.fast_server)
-        if settings.http.port is not None:
-            app = self.http_app()
-            if app is None:
-                raise StartupError(f"{type(self).__name__} has no HTTP front: drop --http.port")
-            config = uvicorn.Config(app, host=settings.http.host, port=settings.http.port, log_level="warning")
-            harden(config, **hardening)
-            servers.append(uvicorn.Server(config))
-        if not settings.mock:
-            if settings.axon.off or settings.http.advertise:
-                self.axon.external_port = settings.http.port  # what SN1 v2.13+ validators dial
+        servers = [front.server() for front in self.fronts]
+        for server in servers:
+            harden(server.config, idle=settings.neuron.idle_seconds, max_connections=self.places, access=self.access)
+        if not settings.mock:  # the mock chain keeps the axon's own port, which local dendrites dial
+            self.axon.external_port = self.published[1]
             with chain_errors(self.config):
                 self.axon.serve(netuid=settings.netuid, subtensor=self.subtensor)
         self.servers = Servers(servers)
@@ -287,10 +303,15 @@ class Miner(abc.ABC):
                 self.stop_run_thread()
                 raise StartupError(f"nothing started listening on port {port} within 10s")
         self.is_running = True
-        fronts = [] if settings.axon.off else [f"axon on {self.axon.external_ip}:{self.axon.external_port}"]
-        if settings.http.port is not None:
-            fronts.append(f"HTTP front on {settings.http.host}:{settings.http.port}")
-        bt.logging.info(f"serving: {', '.join(fronts)}")
+        bt.logging.info(f"serving: {self.summary()}")
+
+    def summary(self) -> str:
+        """Every served front with its address, the advertised one marked with what the chain publishes."""
+        ip, port = self.published
+        return ", ".join(
+            front.summary() + (f" (advertised: {ip}:{port})" if front is self.advertised else "")
+            for front in self.fronts
+        )
 
     def run(self) -> None:
         """Serve until :meth:`stop_run_thread`, Ctrl-C or an exit request; refresh the registry."""

@@ -49,7 +49,7 @@ def summary(miner: OpenAIMiner) -> str:
     return (
         f"openai-miner | network {'mock' if config.mock else config.subtensor.network} | "
         f"netuid {config.netuid} | hotkey {miner.wallet.hotkey.ss58_address} | "
-        f"axon {miner.axon.external_ip}:{miner.axon.external_port} | backend {miner.backend()} | "
+        f"{miner.summary()} | backend {miner.backend()} | "
         f"batch {config.neuron.streaming_batch_size} tokens"
     )
 

@@ -194,11 +194,11 @@ def build_config(
 
 # -- the command line's help -----------------------------------------------------------------------
 
-UPSTREAM, LOCAL, ANSWERS, HTTP, ACCESS, CHAIN = (
-    "upstream (OpenAI-compatible)", "local model (fallback)", "answers", "HTTP front", "who may ask",
+UPSTREAM, LOCAL, ANSWERS, FRONTS, ACCESS, CHAIN = (
+    "upstream (OpenAI-compatible)", "local model (fallback)", "answers", "fronts", "who may ask",
     "chain, wallet, axon",
 )
-GROUPS = ("positional arguments", "options", UPSTREAM, LOCAL, ANSWERS, HTTP, ACCESS, CHAIN)
+GROUPS = ("positional arguments", "options", UPSTREAM, LOCAL, ANSWERS, FRONTS, ACCESS, CHAIN)
 """The help's sections, in order: the miner's own first, the chain's last."""
 
 

@@ -1,7 +1,7 @@
 """``OpenAIMiner``: the base miner answering from an OpenAI-compatible chat model.
 
-It wires the parts, in the order a request meets them: the axon front (:mod:`openai_miner.fronts.axon`)
-asks the core (:mod:`openai_miner.core`), which streams the token source's answer
+It wires the parts, in the order a request meets them: a front (:mod:`openai_miner.fronts`, served
+by the base miner) asks the core (:mod:`openai_miner.core`), which streams the token source's answer
 (:mod:`openai_miner.sources`) through the drain (:mod:`openai_miner.streaming`).
 
 No ``from __future__ import annotations``: see :mod:`openai_miner.base`.
@@ -11,19 +11,17 @@ import argparse
 
 import bittensor as bt
 from pydantic import SecretStr
-from starlette.types import ASGIApp
 
 from openai_miner import sources
 from openai_miner.base import Miner
 from openai_miner.config import LOCAL, UPSTREAM, group, layered_env
 from openai_miner.core import Core
 from openai_miner.fronts import axon
-from openai_miner.fronts.auth import Authenticator
 from openai_miner.fronts.axon import StreamingResponse
-from openai_miner.fronts.http import HttpFront
 from openai_miner.protocol import StreamPromptingSynapse
 from openai_miner.sources import openai as openai_source
 from openai_miner.sources.base import TokenSource
+from openai_miner.sources.fallback import FallbackSource
 from openai_miner.system_prompts import load_system_prompts
 
 
@@ -74,17 +72,13 @@ class OpenAIMiner(Miner):
         """Which model answers, for the start-up summary (never the key)."""
         return self.core.source.describe()
 
-    def http_app(self) -> ASGIApp:
-        """The signed OpenAI-compatible front on this miner's core (``--http.port``)."""
-        settings = self.config.http
-        front = HttpFront(
-            self.core,
-            Authenticator(self.wallet.hotkey.ss58_address),
-            models=self.core.source.models(),
-            tasks=settings.tasks,
-            max_body_bytes=self.config.neuron.max_body_bytes,
-        )
-        return front.app
+    def can_answer(self) -> bool:
+        """An upstream is configured (its failures fall back to the local model), or the local model
+        is loaded: no answer would wait for a load."""
+        source = self.core.source
+        if isinstance(source, FallbackSource):
+            return source.primary is not None or bool(getattr(source.local, "loaded", True))
+        return bool(getattr(source, "loaded", True))
 
     def forward(self, synapse: StreamPromptingSynapse) -> StreamingResponse:
         return axon.stream(self.core, synapse, self.gate.arrived(synapse))

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from openai_miner.fronts.http import Front as ServedHttp
 from openai_miner.fronts.auth import epistula_headers
 from openai_miner.miner import OpenAIMiner
 from openai_miner.protocol import StreamPromptingSynapse
@@ -95,7 +96,7 @@ def http_front(chain, validator, tmp_path):
     """The HTTP front's app of a miner that serves nothing on a port, and an httpx client on it."""
     config = OpenAIMiner.config(miner_argv(tmp_path / "wallets", free_port(), *UNLIMITED), env={})
     miner = OpenAIMiner(config, source=FakeSource(TOKENS), subtensor=chain)
-    transport = httpx.ASGITransport(app=miner.http_app())
+    transport = httpx.ASGITransport(app=ServedHttp(miner).app())
     return miner, lambda: httpx.AsyncClient(transport=transport, base_url="http://miner")
 
 

@@ -5,10 +5,15 @@ forward. This front turns a synapse into a :class:`~openai_miner.core.Question` 
 counts from the request's arrival at the axon), refuses a malformed one with 400 and a reason,
 and writes each batch as the text of one HTTP body chunk.
 
+The axon is also the miner's identity on chain: whichever front is advertised, ``axon.serve()``
+publishes its IP and port (:func:`chain_identity`). :class:`Front` serves it, with its door, its
+gate and the forward glue, unless ``--axon.off``.
+
 No ``from __future__ import annotations`` here: bittensor's ``Axon.attach`` compares the real
 annotation objects of the functions it is given.
 """
 
+import argparse
 import time
 import typing
 from collections import OrderedDict
@@ -16,13 +21,16 @@ from typing import Sequence
 
 import bittensor as bt
 import fastapi
+import uvicorn
 from bittensor.core.axon import create_error_response
 from fastapi.routing import APIRoute
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from openai_miner.access import Access, Refusal
+from openai_miner.config import add_bool
 from openai_miner.core import Core, Question
+from openai_miner.fronts import base
 from openai_miner.messages import InvalidPrompt, checked_timeout
 from openai_miner.protocol import OTHER_STRINGS, StreamPromptingSynapse, strings_at_least
 from openai_miner.sources.base import Token
@@ -249,3 +257,60 @@ async def whole(core: Core, synapse: StreamPromptingSynapse) -> StreamPromptingS
     await core.answer(Question(asked.messages, asked.deadline), collect)
     synapse.completion = "".join(parts)
     return synapse
+
+
+def chain_identity(wallet: bt.Wallet, config: bt.Config, access: Access) -> Axon:
+    """The miner's axon, made whether or not it is served: ``serve()`` publishes the advertised
+    front's IP and port on chain. On the mock chain its external IP is this machine's loopback."""
+    return Axon(
+        wallet=wallet,
+        config=config,
+        external_ip=config.axon.external_ip or ("127.0.0.1" if config.mock else None),
+        access=access,
+        max_messages=config.neuron.max_messages,
+    )
+
+
+class Front(base.Front):
+    """SN1's axon: bittensor's FastAPI server behind :class:`AxonDoor`, answering through the
+    miner's ``forward`` after its gate's rate limit. Served unless ``--axon.off``; its flags
+    (``--axon.port``, ``--axon.external_ip``...) are bittensor's own."""
+
+    name = "axon"
+    label = "axon"
+    port_flag = "--axon.port"
+    switch = "no --axon.off"
+
+    @staticmethod
+    def add_args(parser: argparse._ActionsContainer) -> None:
+        add_bool(parser, "--axon.off", default=False, help="Serve no axon: only the other fronts (--http.port, --loosh.port).")
+
+    @classmethod
+    def enabled(cls, config: bt.Config) -> bool:
+        return not config.axon.off
+
+    @property
+    def host(self) -> str:
+        return self.miner.axon.fast_config.host
+
+    @property
+    def port(self) -> int:
+        return self.miner.axon.port
+
+    @property
+    def published(self) -> tuple[str | None, int]:
+        return self.miner.axon.external_ip, self.miner.axon.external_port
+
+    def server(self) -> uvicorn.Server:
+        """bittensor's server, once ``forward``, ``blacklist`` and ``priority`` are attached and the door is in."""
+        miner = self.miner
+        gate = miner.gate
+
+        def answer(synapse: StreamPromptingSynapse) -> StreamingResponse:
+            """After bittensor's signature checks: rate limit and recent repeats, then ``forward``."""
+            gate.admit(synapse)
+            return miner.forward(synapse)
+
+        miner.axon.attach(forward_fn=answer, blacklist_fn=miner.blacklist, priority_fn=miner.priority)
+        miner.axon.app.add_middleware(AxonDoor, access=miner.access, max_bytes=miner.config.neuron.max_body_bytes)
+        return miner.axon.fast_server

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping, Sequence
 
 import bittensor as bt
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -26,6 +27,7 @@ from starlette.routing import Route
 
 from openai_miner.config import add_bool, at_least
 from openai_miner.core import Core, Question
+from openai_miner.fronts import base
 from openai_miner.fronts.auth import Authenticator, AuthError
 from openai_miner.messages import MAX_TIMEOUT, InvalidPrompt
 from openai_miner.sources.base import Sampling, Token
@@ -36,7 +38,7 @@ UNTEMPLATED = frozenset({task_key("InferenceTask")})  # scored token by token ag
 _json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
-def add_args(parser: argparse.ArgumentParser) -> None:
+def add_args(parser: argparse._ActionsContainer) -> None:
     parser.add_argument(
         "--http.port", type=at_least(1), default=None,
         help="Serve the signed OpenAI-compatible front (/v1/chat/completions) on this port (off when unset).",
@@ -44,8 +46,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http.host", type=str, default="0.0.0.0", help="Address the HTTP front listens on.")
     add_bool(
         parser, "--http.advertise", default=False,
-        help="Publish the HTTP front's port on chain instead of the axon's (what SN1 v2.13+ validators dial); "
-        "always so with --axon.off.",
+        help="Publish the HTTP front's port on chain instead of the axon's (what SN1 v2.13+ validators "
+        "dial): the same as --advertise http.",
     )
     parser.add_argument(
         "--http.tasks", type=str, nargs="*", default=["InferenceTask", "MSRv2Task"], metavar="TASK",
@@ -406,3 +408,43 @@ def _timeout(header: str | None, body: float | None) -> float | None:
     except ValueError:
         value = None
     return value if value is not None and 0 < value <= MAX_TIMEOUT else body
+
+
+class Front(base.Front):
+    """The HTTP front as the miner serves it (``--http.port``): :class:`HttpFront` on the miner's core,
+    verifying signatures made for the miner's hotkey."""
+
+    name = "http"
+    label = "HTTP front"
+    port_flag = "--http.port"
+    switch = "--http.port PORT"
+    add_args = staticmethod(add_args)
+
+    @classmethod
+    def enabled(cls, config: bt.Config) -> bool:
+        return config.http.port is not None
+
+    @classmethod
+    def advertise_asked(cls, config: bt.Config) -> bool:
+        return config.http.advertise
+
+    @property
+    def host(self) -> str:
+        return self.miner.config.http.host
+
+    @property
+    def port(self) -> int:
+        return self.miner.config.http.port
+
+    def app(self) -> Starlette:
+        core = self.core
+        return HttpFront(
+            core,
+            Authenticator(self.miner.wallet.hotkey.ss58_address),
+            models=core.source.models(),
+            tasks=self.miner.config.http.tasks,
+            max_body_bytes=self.miner.config.neuron.max_body_bytes,
+        ).app
+
+    def server(self) -> uvicorn.Server:
+        return uvicorn.Server(uvicorn.Config(self.app(), host=self.host, port=self.port, log_level="warning"))

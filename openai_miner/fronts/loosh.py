@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import bittensor as bt
+import uvicorn
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -47,6 +48,7 @@ from starlette.routing import Route
 
 from openai_miner.config import at_least
 from openai_miner.core import Core, Question
+from openai_miner.fronts import base
 from openai_miner.fronts.http import parse_chat
 from openai_miner.messages import InvalidPrompt
 from openai_miner.sources.base import Sampling, Token
@@ -480,3 +482,40 @@ class LooshFront:
         if answering.cancelled():
             return None
         return answering.result(), "".join(parts)
+
+
+class Front(base.Front):
+    """The SN78 front as the miner serves it (``--loosh.port``): :class:`LooshFront` on the miner's
+    core, available while the miner can answer, its RSA key made at start."""
+
+    name = "loosh"
+    label = "SN78 front"
+    port_flag = "--loosh.port"
+    switch = "--loosh.port PORT"
+    add_args = staticmethod(add_args)
+
+    @classmethod
+    def enabled(cls, config: bt.Config) -> bool:
+        return config.loosh.port is not None
+
+    @property
+    def host(self) -> str:
+        return self.miner.config.loosh.host
+
+    @property
+    def port(self) -> int:
+        return self.miner.config.loosh.port
+
+    def app(self) -> Starlette:
+        settings = self.miner.config
+        return LooshFront(
+            self.core,
+            self.miner.can_answer,
+            self.miner.wallet.hotkey.ss58_address,
+            timeout=settings.loosh.timeout,
+            max_keys_per_validator=settings.loosh.max_keys_per_validator,
+            max_body_bytes=settings.neuron.max_body_bytes,
+        ).app
+
+    def server(self) -> uvicorn.Server:
+        return uvicorn.Server(uvicorn.Config(self.app(), host=self.host, port=self.port, log_level="warning"))

@@ -9,7 +9,7 @@ from openai_miner.config import env_name
 from openai_miner.miner import OpenAIMiner
 
 ROOT = Path(__file__).resolve().parent.parent
-OWN = ("openai", "neuron", "blacklist", "fallback", "http", "netuid", "mock", "axon.off")
+OWN = ("openai", "neuron", "blacklist", "fallback", "http", "loosh", "advertise", "netuid", "mock", "axon.off")
 
 
 def own_options() -> list[argparse.Action]:

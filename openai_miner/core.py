@@ -11,7 +11,7 @@ import argparse
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import bittensor as bt
 from langchain_core.messages import BaseMessage
@@ -103,9 +103,16 @@ class Core:
         )
 
     def chat(
-        self, roles: Sequence[str], contents: Sequence[str], task: str | None, *, templated: bool = True
+        self,
+        roles: Sequence[str],
+        contents: Sequence[str],
+        task: str | None,
+        *,
+        templated: bool = True,
+        extras: Sequence[Mapping[str, Any]] = (),
     ) -> list[BaseMessage]:
-        """Chat messages under the task's system prompt (none when not ``templated``).
+        """Chat messages under the task's system prompt (none when not ``templated``); ``extras``:
+        each message's tool-conversation fields (see :func:`~openai_miner.messages.to_chat_messages`).
 
         Raises :class:`~openai_miner.messages.InvalidPrompt` with the reason for the caller.
         """
@@ -114,6 +121,7 @@ class Core:
             system_prompt=self.system_prompts.for_task(task) if templated else None,
             max_chars=self.max_prompt_chars,
             max_messages=self.max_messages,
+            extras=extras,
         )
 
     def deadline(self, timeout: float | None, arrived: float | None = None) -> float:

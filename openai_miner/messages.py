@@ -1,19 +1,25 @@
 """Synapse roles/messages -> LangChain chat messages, refusing what no model should be sent.
 
 Validation lives here, before any model work, so a malformed synapse costs nothing and gets a
-reason the validator can read.
+reason the validator can read. A tool conversation's turns (an assistant's ``tool_calls``, a
+``tool`` message's ``tool_call_id``) come as each message's ``extras``, OpenAI's names and shapes.
 """
 
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
 ROLES: dict[str, type[BaseMessage]] = {
     "system": SystemMessage,
     "user": HumanMessage,
     "assistant": AIMessage,
+    "tool": ToolMessage,
 }
+MAX_TOOL_CALLS = 128
+"""Calls in one assistant message, and tools in one request (OpenAI's limit on tools)."""
+MAX_ID = 256
+"""Characters of a tool call's id (OpenAI's are about 30)."""
 
 
 SPACES = " \t\r\n"  # what may surround a role; str.strip() would also take \x1c-\x1f, \x85, \u2028...
@@ -45,6 +51,46 @@ def shown(value: object, limit: int = 40) -> str:
     return ascii(text[:limit]) + ("..." if len(text) > limit else "")
 
 
+def _tool_calls(value: Any, index: int) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls``, checked to be OpenAI's shape; kept as they came."""
+    where = f"message {index} tool_calls"
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_TOOL_CALLS:
+        raise InvalidPrompt(f"{where} must be a list of 1 to {MAX_TOOL_CALLS} calls")
+    for call in value:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (
+            isinstance(function, dict)
+            and _id(call.get("id"))
+            and call.get("type", "function") == "function"
+            and isinstance(function.get("name"), str)
+            and function["name"]
+            and isinstance(function.get("arguments"), str)
+        ):
+            raise InvalidPrompt(f'{where}: each must be {{"id", "type": "function", "function": {{"name", "arguments": string}}}}')
+    return value
+
+
+def _id(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID
+
+
+def _message(kind: type[BaseMessage], content: str, extras: Mapping[str, Any], index: int, role: str) -> BaseMessage:
+    """One chat message; a tool call or a tool's result may have no text, nothing else may."""
+    calls = extras.get("tool_calls")
+    if calls is not None and kind is not AIMessage:
+        raise InvalidPrompt(f"message {index} ({role}) cannot carry tool_calls: only an assistant's can")
+    if kind is ToolMessage:
+        tool_call_id = extras.get("tool_call_id")
+        if not _id(tool_call_id):
+            raise InvalidPrompt(f"message {index} (tool) needs a tool_call_id of 1 to {MAX_ID} characters")
+        return ToolMessage(content=content, tool_call_id=tool_call_id)
+    if calls is not None:  # LangChain reads OpenAI's shape from here, invalid arguments included
+        return AIMessage(content=content, additional_kwargs={"tool_calls": _tool_calls(calls, index)})
+    if not content.strip():
+        raise InvalidPrompt(f"message {index} ({role}) is empty")
+    return kind(content=content)
+
+
 def to_chat_messages(
     roles: Sequence[str],
     messages: Sequence[str],
@@ -52,9 +98,12 @@ def to_chat_messages(
     system_prompt: str | None = None,
     max_chars: int = 100_000,
     max_messages: int = 1024,
+    extras: Sequence[Mapping[str, Any]] = (),
 ) -> list[BaseMessage]:
     """Map each (role, message) pair to a chat message, in order, keeping the whole history.
 
+    ``extras`` (none, or one mapping per message) brings a tool conversation's fields:
+    ``tool_calls`` of an assistant, ``tool_call_id`` of a tool's result.
     ``system_prompt`` is put first unless the conversation brings its own system message.
     Raises :class:`InvalidPrompt` for anything that would make the answer meaningless.
     """
@@ -66,6 +115,8 @@ def to_chat_messages(
         raise InvalidPrompt(
             f"{len(roles)} roles for {len(messages)} messages: each message needs exactly one role"
         )
+    if extras and len(extras) != len(messages):
+        raise InvalidPrompt(f"{len(extras)} extras for {len(messages)} messages")
     total = sum(len(message) for message in messages)
     if total > max_chars:
         raise InvalidPrompt(f"prompt of {total} characters is over this miner's limit of {max_chars}")
@@ -76,9 +127,11 @@ def to_chat_messages(
             raise InvalidPrompt(
                 f"message {index} has unknown role {shown(role)}; expected one of {', '.join(ROLES)}"
             )
-        if not content.strip():
-            raise InvalidPrompt(f"message {index} ({role.strip(SPACES).lower()}) is empty")
-        chat.append(kind(content=content))
+        message = _message(kind, content, extras[index] if extras else {}, index, role.strip(SPACES).lower())
+        total += sum(len(call["function"]["arguments"]) for call in message.additional_kwargs.get("tool_calls", ()))
+        if total > max_chars:
+            raise InvalidPrompt(f"prompt of over {max_chars} characters with its tool calls' arguments")
+        chat.append(message)
     if not any(isinstance(message, HumanMessage) for message in chat):
         raise InvalidPrompt("no user message: there is nothing to answer")
     if system_prompt and not any(isinstance(message, SystemMessage) for message in chat):

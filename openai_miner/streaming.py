@@ -6,6 +6,9 @@ a deadline marker on the same queue, so there is no per-token timeout. Whatever 
 the deadline comes is flushed (a partial answer still earns), then the source is cancelled.
 The drain decides when a batch goes out; the front's :data:`Emit` decides its bytes (the axon's
 ``send()`` of the text, an SSE chunk of the HTTP front), and ends the stream itself.
+A tool call's pieces travel in the batches beside the text but are not counted as tokens; the
+source's :class:`~openai_miner.sources.base.Finish` is never emitted: its finish reason and usage
+end up in the :class:`StreamResult`.
 """
 
 import asyncio
@@ -16,26 +19,58 @@ from typing import Awaitable, Callable, Literal, Sequence
 import bittensor as bt
 from langchain_core.messages import BaseMessage
 
-from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling, Token, TokenSource
+from openai_miner.sources.base import (
+    DEFAULT_SAMPLING,
+    Finish,
+    Sampling,
+    Token,
+    TokenSource,
+    ToolCallDelta,
+    Usage,
+)
 
-Emit = Callable[[Sequence["str | Token"]], Awaitable[None]]
+Piece = str | Token | ToolCallDelta
+"""What a batch holds: text, a token with its log-probabilities, a piece of a tool call."""
+Emit = Callable[[Sequence[Piece]], Awaitable[None]]
 """Writes one batch of tokens to the caller; raises when the caller is gone."""
 Outcome = Literal["complete", "deadline", "error", "disconnected"]
 
 
-def text_of(batch: Sequence["str | Token"]) -> str:
-    """The text of a batch, whether its tokens carry log-probabilities or not."""
-    return "".join(item if isinstance(item, str) else item.text for item in batch)
+def text_of(batch: Sequence[Piece]) -> str:
+    """The text of a batch, whether its tokens carry log-probabilities or not; tool calls are no text."""
+    return "".join(item if isinstance(item, str) else item.text if isinstance(item, Token) else "" for item in batch)
+
+
+def tool_calls_of(batch: Sequence[Piece]) -> list[ToolCallDelta]:
+    """The batch's tool-call pieces, each run of pieces of one call joined into one (arguments
+    concatenated byte for byte; the first piece's ``id`` and ``name`` kept)."""
+    joined: list[ToolCallDelta] = []
+    for item in batch:
+        if not isinstance(item, ToolCallDelta):
+            continue
+        last = joined[-1] if joined else None
+        if last is not None and last.index == item.index:
+            joined[-1] = ToolCallDelta(last.index, last.id or item.id, last.name or item.name, last.arguments + item.arguments)
+        else:
+            joined.append(item)
+    return joined
 
 
 @dataclass(frozen=True)
 class StreamResult:
-    """What happened to one answer; the core logs it and tests assert on it."""
+    """What happened to one answer; the core logs it and tests assert on it.
+
+    ``tokens`` counts text only. ``finish_reason`` is the source's own when it completed
+    (``"tool_calls"`` when it called a tool and did not say), else ``None``: the front words
+    a cut-short answer itself. ``usage`` is the source's count, when it gave one.
+    """
 
     outcome: Outcome
     tokens: int
     sends: int
     error: BaseException | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
 
 
 @dataclass(frozen=True)
@@ -87,10 +122,12 @@ async def stream_answer(
 
     producer = loop.create_task(run_source())
     timer = loop.call_later(max(0.0, deadline - time.monotonic()), queue.put_nowait, _DEADLINE)
-    buffer: list[str | Token] = []
+    buffer: list[Piece] = []
     tokens = sends = 0
     outcome: Outcome = "complete"
     error: BaseException | None = None
+    finish = Finish()
+    called = False
 
     async def flush() -> None:
         nonlocal sends
@@ -102,11 +139,17 @@ async def stream_answer(
     try:
         while True:
             item = await queue.get()
-            if isinstance(item, (str, Token)):
+            if isinstance(item, (str, Token, ToolCallDelta)):
                 buffer.append(item)
-                tokens += 1
+                if isinstance(item, ToolCallDelta):
+                    called = True
+                else:
+                    tokens += 1
                 if len(buffer) == batch_size:
                     await flush()
+                continue
+            if isinstance(item, Finish):
+                finish = item
                 continue
             if item is _DEADLINE:
                 outcome = "deadline"
@@ -121,4 +164,5 @@ async def stream_answer(
     finally:
         timer.cancel()
         producer.cancel()
-    return StreamResult(outcome=outcome, tokens=tokens, sends=sends, error=error)
+    reason = (finish.reason or ("tool_calls" if called else None)) if outcome == "complete" else None
+    return StreamResult(outcome, tokens, sends, error, finish_reason=reason, usage=finish.usage)

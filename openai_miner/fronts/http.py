@@ -29,9 +29,9 @@ from openai_miner.config import add_bool, at_least
 from openai_miner.core import Core, Question
 from openai_miner.fronts import base
 from openai_miner.fronts.auth import Authenticator, AuthError
-from openai_miner.messages import MAX_TIMEOUT, InvalidPrompt
-from openai_miner.sources.base import Sampling, Token
-from openai_miner.streaming import StreamResult, text_of
+from openai_miner.messages import MAX_TIMEOUT, MAX_TOOL_CALLS, InvalidPrompt
+from openai_miner.sources.base import Sampling, Token, ToolCallDelta
+from openai_miner.streaming import Piece, StreamResult, text_of, tool_calls_of
 from openai_miner.system_prompts import task_key
 
 UNTEMPLATED = frozenset({task_key("InferenceTask")})  # scored token by token against a reference model
@@ -71,7 +71,11 @@ def refusal(status: int, reason: str) -> JSONResponse:
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """The parts of an OpenAI chat body the core needs."""
+    """The parts of an OpenAI chat body the core needs.
+
+    ``extras``: each message's tool-conversation fields (``tool_calls``, ``tool_call_id``), or
+    none when no message has any. ``include_usage``: a streamed answer ends with a usage chunk.
+    """
 
     roles: list[str]
     contents: list[str]
@@ -80,6 +84,8 @@ class ChatRequest:
     task: str | None
     timeout: float | None
     sampling: Sampling
+    extras: tuple[dict[str, Any], ...] = ()
+    include_usage: bool = False
 
 
 INT32 = 2**31 - 1
@@ -144,9 +150,12 @@ def _unicode(text: str) -> bool:
 
 
 def _content(value: Any, index: int) -> str:
-    """A message's text: a string, or OpenAI's list of ``{"type": "text", "text": ...}`` parts."""
+    """A message's text: a string, or OpenAI's list of ``{"type": "text", "text": ...}`` parts;
+    none (an assistant's tool call) is empty, which only a tool call or a tool's result may be."""
     if isinstance(value, str):
         return value
+    if value is None:
+        return ""
     if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
         return "".join(str(part.get("text", "")) for part in value)
     raise InvalidPrompt(f"message {index} content must be text")
@@ -161,6 +170,13 @@ def parse_chat(body: Any) -> ChatRequest:
         raise InvalidPrompt("messages must be a list of {role, content} objects")
     roles = [m.get("role") if isinstance(m.get("role"), str) else repr(m.get("role")) for m in messages]
     contents = [_content(m.get("content"), i) for i, m in enumerate(messages)]
+    extras = tuple({k: m[k] for k in TURN_FIELDS if m.get(k) is not None} for m in messages)
+    tools, tool_choice = _tools(body)
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not (
+        isinstance(stream_options, dict) and isinstance(stream_options.get("include_usage", False), bool)
+    ):
+        raise InvalidPrompt("stream_options must be an object whose include_usage is true or false")
     extra = body.get("sampling_parameters") or {}
     if not isinstance(extra, dict):
         raise InvalidPrompt("sampling_parameters must be an object")
@@ -181,6 +197,8 @@ def parse_chat(body: Any) -> ChatRequest:
         seed=_number(merged, "seed"),
         stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
         top_logprobs=(top or 0) if logprobs else None,
+        tools=tools,
+        tool_choice=tool_choice,
     )
     model, task = body.get("model"), body.get("task")
     if isinstance(model, str) and not _unicode(model):  # echoed in every chunk
@@ -193,7 +211,29 @@ def parse_chat(body: Any) -> ChatRequest:
         task=task if isinstance(task, str) else None,
         timeout=_number(body, "timeout"),
         sampling=sampling,
+        extras=extras if any(extras) else (),
+        include_usage=bool((stream_options or {}).get("include_usage")),
     )
+
+
+TURN_FIELDS = ("tool_calls", "tool_call_id")
+"""A message's fields beyond role and content, for :func:`~openai_miner.messages.to_chat_messages`."""
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+def _tools(body: Mapping[str, Any]) -> tuple[tuple[dict[str, Any], ...], str | dict[str, Any] | None]:
+    """``tools`` and ``tool_choice``, as the upstream will get them; checked only for shape, the
+    upstream knowing the schema, but refused here when malformed so no refusal costs a call."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is not None and not (
+        isinstance(tools, list) and len(tools) <= MAX_TOOL_CALLS and all(isinstance(tool, dict) for tool in tools)
+    ):
+        raise InvalidPrompt(f"tools must be a list of at most {MAX_TOOL_CALLS} objects")
+    if choice is not None and not (isinstance(choice, dict) or (isinstance(choice, str) and choice in TOOL_CHOICES)):
+        raise InvalidPrompt(f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or an object")
+    if choice is not None and not tools:
+        raise InvalidPrompt("tool_choice needs tools")
+    return tuple(tools or ()), choice
 
 
 def parse_body(body: bytes) -> ChatRequest:
@@ -220,40 +260,100 @@ def logprob_entry(token: Token) -> dict[str, Any]:
 FINISH = {"complete": "stop", "deadline": "length"}
 
 
-class Completion:
-    """The ids and framing of one answer's chunks (``chat.completion.chunk``) or whole body."""
+def finish_reason(result: StreamResult, cut_short: Mapping[str, str] = FINISH) -> str:
+    """The model's own reason when it finished (``"tool_calls"``...), else the front's word for how it ended."""
+    return result.finish_reason or cut_short.get(result.outcome, "stop")
 
-    def __init__(self, model: str) -> None:
+
+def usage(result: StreamResult) -> dict[str, int]:
+    """OpenAI's ``usage``: the source's figures; without them (a source that does not count, an
+    answer cut short), the text tokens sent and a prompt of 0."""
+    if result.usage is None:
+        return {"prompt_tokens": 0, "completion_tokens": result.tokens, "total_tokens": result.tokens}
+    counted = result.usage
+    return {
+        "prompt_tokens": counted.prompt_tokens,
+        "completion_tokens": counted.completion_tokens,
+        "total_tokens": counted.total_tokens,
+    }
+
+
+def tool_call_delta(piece: ToolCallDelta) -> dict[str, Any]:
+    """One piece of a call as OpenAI streams it: ``id``, ``type`` and ``name`` on its first piece only."""
+    entry: dict[str, Any] = {"index": piece.index}
+    if piece.id is not None:
+        entry.update(id=piece.id, type="function")
+    entry["function"] = {"arguments": piece.arguments} if piece.name is None else {"name": piece.name, "arguments": piece.arguments}
+    return entry
+
+
+def tool_calls(pieces: Sequence[Piece]) -> list[dict[str, Any]]:
+    """The whole calls, in OpenAI's ``message.tool_calls`` shape, assembled from their pieces (by
+    ``index``; each call's arguments exactly the concatenation of its fragments)."""
+    calls: dict[int, dict[str, Any]] = {}
+    for piece in pieces:
+        if not isinstance(piece, ToolCallDelta):
+            continue
+        call = calls.setdefault(piece.index, {"id": None, "type": "function", "function": {"name": None, "arguments": ""}})
+        call["id"] = call["id"] or piece.id
+        call["function"]["name"] = call["function"]["name"] or piece.name
+        call["function"]["arguments"] += piece.arguments
+    return [calls[index] for index in sorted(calls)]
+
+
+class Completion:
+    """The ids and framing of one answer's chunks (``chat.completion.chunk``) or whole body.
+
+    ``include_usage``: the stream ends with a chunk of no choices and the answer's usage, as
+    OpenAI's does when ``stream_options.include_usage`` asks.
+    """
+
+    def __init__(self, model: str, *, include_usage: bool = False) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
+        self.include_usage = include_usage
         self.first = True
+
+    def event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        event = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": choices, **extra}
+        return b"data: " + _json(event).encode("utf-8") + b"\n\n"
 
     def chunk(self, delta: dict[str, Any], *, finish: str | None = None, logprobs: Any = None) -> bytes:
         if self.first:
             delta = {"role": "assistant", **delta}
             self.first = False
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        event = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model, "choices": [choice]}
-        return b"data: " + _json(event).encode("utf-8") + b"\n\n"
+        return self.event([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
 
-    def batch(self, batch: Sequence[str | Token]) -> bytes:
+    def batch(self, batch: Sequence[Piece]) -> bytes:
         tokens = [item for item in batch if isinstance(item, Token)]
         logprobs = {"content": [logprob_entry(t) for t in tokens]} if tokens else None
-        return self.chunk({"content": text_of(batch)}, logprobs=logprobs)
+        text, calls = text_of(batch), tool_calls_of(batch)
+        delta: dict[str, Any] = {"content": text} if text or not calls else {}
+        if calls:
+            delta["tool_calls"] = [tool_call_delta(call) for call in calls]
+        return self.chunk(delta, logprobs=logprobs)
 
-    def whole(self, batches: Sequence[Sequence[str | Token]], result: StreamResult) -> dict[str, Any]:
-        tokens = [item for batch in batches for item in batch if isinstance(item, Token)]
+    def usage_chunk(self, result: StreamResult) -> bytes:
+        return self.event([], usage=usage(result))
+
+    def whole(self, batches: Sequence[Sequence[Piece]], result: StreamResult) -> dict[str, Any]:
+        pieces = [item for batch in batches for item in batch]
+        tokens = [item for item in pieces if isinstance(item, Token)]
+        text, calls = text_of(pieces), tool_calls(pieces)
+        message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+        if calls:
+            message["tool_calls"] = calls
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": "".join(text_of(batch) for batch in batches)},
+            "message": message,
             "logprobs": {"content": [logprob_entry(t) for t in tokens]} if tokens else None,
-            "finish_reason": FINISH.get(result.outcome, "stop"),
+            "finish_reason": finish_reason(result),
         }
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
             "choices": [choice],
-            "usage": {"prompt_tokens": 0, "completion_tokens": result.tokens, "total_tokens": result.tokens},
+            "usage": usage(result),
         }
 
 
@@ -319,7 +419,7 @@ class HttpFront:
                 raise Refused(limited.status, limited.reason)
             try:
                 templated = asked.task is None or task_key(asked.task) not in UNTEMPLATED
-                messages = self.core.chat(asked.roles, asked.contents, asked.task, templated=templated)
+                messages = self.core.chat(asked.roles, asked.contents, asked.task, templated=templated, extras=asked.extras)
             except InvalidPrompt as invalid:
                 raise Refused(400, f"invalid prompt: {invalid}") from None
         except Refused as refused:
@@ -333,15 +433,17 @@ class HttpFront:
             messages, self.core.deadline(timeout, arrived), hotkey, asked.sampling,
             batch_size=1 if asked.sampling.top_logprobs is not None else None,
         )
-        completion = Completion(asked.model or next(iter(sorted(self.models)), "openai-miner"))
+        completion = Completion(
+            asked.model or next(iter(sorted(self.models)), "openai-miner"), include_usage=asked.include_usage
+        )
         if asked.stream:
             return StreamingResponse(
                 self.events(question, completion), media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        batches: list[list[str | Token]] = []
+        batches: list[list[Piece]] = []
 
-        async def collect(batch: Sequence[str | Token]) -> None:
+        async def collect(batch: Sequence[Piece]) -> None:
             batches.append(list(batch))
 
         result = await self.core.answer(question, collect)
@@ -355,7 +457,7 @@ class HttpFront:
         """
         out: asyncio.Queue[bytes | None] = asyncio.Queue()
 
-        async def emit(batch: Sequence[str | Token]) -> None:
+        async def emit(batch: Sequence[Piece]) -> None:
             out.put_nowait(completion.batch(batch))
 
         answering = asyncio.ensure_future(self.core.answer(question, emit))
@@ -364,7 +466,9 @@ class HttpFront:
             while (event := await out.get()) is not None:
                 yield event
             result = answering.result()
-            yield completion.chunk({}, finish=FINISH.get(result.outcome, "stop"))
+            yield completion.chunk({}, finish=finish_reason(result))
+            if completion.include_usage:
+                yield completion.usage_chunk(result)
             yield b"data: [DONE]\n\n"
         finally:
             answering.cancel()

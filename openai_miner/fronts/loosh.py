@@ -49,10 +49,10 @@ from starlette.routing import Route
 from openai_miner.config import at_least
 from openai_miner.core import Core, Question
 from openai_miner.fronts import base
-from openai_miner.fronts.http import parse_chat
+from openai_miner.fronts.http import finish_reason, parse_chat, tool_calls, usage
 from openai_miner.messages import InvalidPrompt
-from openai_miner.sources.base import Sampling, Token
-from openai_miner.streaming import StreamResult, text_of
+from openai_miner.sources.base import Sampling
+from openai_miner.streaming import Piece, StreamResult, text_of
 
 KEY_TTL = 3600.0
 """Seconds a validator's symmetric key lives: what Loosh's validator caches it for."""
@@ -214,19 +214,20 @@ def parse_offer(raw: bytes) -> Offer:
 
 @dataclass(frozen=True)
 class Challenge:
-    """The parts of a decrypted challenge the core needs."""
+    """The parts of a decrypted challenge the core needs (``extras``: as :class:`~openai_miner.fronts.http.ChatRequest`'s)."""
 
     roles: list[str]
     contents: list[str]
     sampling: Sampling
     correlation_id: str | None
+    extras: tuple[dict[str, Any], ...] = ()
 
 
 def parse_challenge(payload: bytes) -> Challenge:
     """A decrypted challenge: ``messages`` (OpenAI's), else ``prompt`` as one user message.
 
     ``model`` is the validator's default name, a hint this miner does not route on; ``tools`` and
-    ``tool_choice`` wait for tool calls in the core.
+    ``tool_choice`` go to the model as OpenAI's, checked as the HTTP front checks them.
     """
     try:
         body = json.loads(payload)
@@ -239,7 +240,7 @@ def parse_challenge(payload: bytes) -> Challenge:
         if not isinstance(prompt, str):
             raise Refused(400, "challenge: prompt or messages is required")
         messages = [{"role": "user", "content": prompt}]
-    sampled = {name: body.get(name) for name in ("max_tokens", "temperature", "top_p")}
+    sampled = {name: body.get(name) for name in ("max_tokens", "temperature", "top_p", "tools", "tool_choice")}
     try:
         asked = parse_chat({"messages": messages, **sampled})
     except InvalidPrompt as invalid:
@@ -250,6 +251,7 @@ def parse_challenge(payload: bytes) -> Challenge:
         contents=asked.contents,
         sampling=asked.sampling,
         correlation_id=correlation_id if isinstance(correlation_id, str) else None,
+        extras=asked.extras,
     )
 
 
@@ -258,15 +260,16 @@ def answer_body(
     result: StreamResult,
     elapsed_ms: int,
     correlation_id: str | None,
-    tool_calls: list[dict[str, Any]] | None = None,
+    calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The JSON the validator decrypts. ``prompt_tokens`` is 0 until the core reports usage."""
+    """The JSON the validator decrypts: ``tool_calls`` in OpenAI's shape (``None`` when the model
+    called none), the model's finish reason, and its usage (see :func:`~openai_miner.fronts.http.usage`)."""
     return {
         "response_text": text,
         "response_time_ms": elapsed_ms,
-        "tool_calls": tool_calls,
-        "finish_reason": "tool_calls" if tool_calls else FINISH.get(result.outcome, "stop"),
-        "usage": {"prompt_tokens": 0, "completion_tokens": result.tokens, "total_tokens": result.tokens},
+        "tool_calls": calls or None,
+        "finish_reason": finish_reason(result, FINISH),
+        "usage": usage(result),
         "correlation_id": correlation_id,
     }
 
@@ -435,7 +438,7 @@ class LooshFront:
             if limited is not None:
                 raise Refused(limited.status, limited.reason)
             try:
-                messages = self.core.chat(asked.roles, asked.contents, None, templated=False)
+                messages = self.core.chat(asked.roles, asked.contents, None, templated=False, extras=asked.extras)
             except InvalidPrompt as invalid:
                 raise Refused(400, f"challenge: {invalid}") from None
         except Refused as refused:
@@ -447,28 +450,30 @@ class LooshFront:
         if answered is None:
             bt.logging.debug(f"loosh: {hotkey[:10]} hung up; answer cancelled")
             return Response(status_code=499)
-        result, text = answered
-        if result.outcome == "error" and not text:
+        result, text, calls = answered
+        if result.outcome == "error" and not text and not calls:
             return JSONResponse({"detail": "the model gave no answer"}, status_code=502)
         elapsed_ms = int((time.monotonic() - arrived) * 1000)
-        body = answer_body(text, result, elapsed_ms, asked.correlation_id)
+        body = answer_body(text, result, elapsed_ms, asked.correlation_id, calls)
         return Response(
             fernet.encrypt(json.dumps(body).encode("utf-8")),
             media_type="application/octet-stream",
             headers={"x-fiber-symmetric-key-uuid": key_id, "x-fiber-miner-hotkey-ss58": self.miner_hotkey},
         )
 
-    async def answered_unless_hung_up(self, request: Request, question: Question) -> tuple[StreamResult, str] | None:
-        """The core's answer and its text, or ``None`` if the validator hung up first.
+    async def answered_unless_hung_up(
+        self, request: Request, question: Question
+    ) -> tuple[StreamResult, str, list[dict[str, Any]]] | None:
+        """The core's answer, its text and its tool calls, or ``None`` if the validator hung up first.
 
         Starlette cancels a handler on disconnect only while it streams; this one answers in one
         piece, so it watches the connection itself and cancels the answer, and with it the
         upstream request or local generation, when nobody is left to read it.
         """
-        parts: list[str] = []
+        pieces: list[Piece] = []
 
-        async def collect(batch: Sequence[str | Token]) -> None:
-            parts.append(text_of(batch))
+        async def collect(batch: Sequence[Piece]) -> None:
+            pieces.extend(batch)
 
         answering = asyncio.ensure_future(self.core.answer(question, collect))
         hangup = asyncio.ensure_future(_hung_up(request))
@@ -481,7 +486,7 @@ class LooshFront:
             await asyncio.wait({answering})  # let it unwind its source before returning
         if answering.cancelled():
             return None
-        return answering.result(), "".join(parts)
+        return answering.result(), text_of(pieces), tool_calls(pieces)
 
 
 class Front(base.Front):

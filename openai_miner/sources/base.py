@@ -2,7 +2,7 @@
 
 import asyncio
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 from langchain_core.messages import BaseMessage
 
@@ -25,6 +25,9 @@ class Sampling:
 
     ``top_logprobs`` asks for log-probabilities: each token then arrives as a :class:`Token`
     carrying its own and the ``top_logprobs`` most likely alternatives (0: its own only).
+    ``tools`` and ``tool_choice`` are OpenAI's, as the validator sent them: a source passes them on
+    untouched (the upstream knows their schema better than we do) and answers a call of one as
+    :class:`ToolCallDelta` items.
     """
 
     temperature: float | None = None
@@ -34,6 +37,8 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None
+    tools: tuple[Mapping[str, Any], ...] = ()
+    tool_choice: str | Mapping[str, Any] | None = None
 
 
 DEFAULT_SAMPLING = Sampling()
@@ -48,11 +53,52 @@ class Token:
     top: tuple[tuple[str, float], ...] = ()
 
 
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of the model's call of a tool, as OpenAI streams one.
+
+    The first piece of call ``index`` carries its ``id`` and ``name``; every piece carries a
+    fragment of its JSON ``arguments``, kept exactly as the model wrote it (the fragments
+    concatenate to the arguments, whether or not they parse).
+    """
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What an answer cost, in the answering model's own tokens."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Finish:
+    """A source's last item: why the answer ended (``"stop"``, ``"length"``, ``"tool_calls"``;
+    ``None`` when the model did not say) and its :class:`Usage` when known. Never sent as text."""
+
+    reason: str | None = None
+    usage: Usage | None = None
+
+
+Item = str | Token | ToolCallDelta | Finish
+"""What a source puts on the drain's queue."""
+
+
 class TokenSource(Protocol):
     """Produces the text of one answer, token by token, onto a queue.
 
     ``produce`` puts each non-empty token on ``queue`` as soon as it exists and returns when the
-    answer is complete: a ``str``, or a :class:`Token` when ``sampling.top_logprobs`` is set. It
+    answer is complete: a ``str``, or a :class:`Token` when ``sampling.top_logprobs`` is set; a
+    tool call as :class:`ToolCallDelta` pieces; last, once complete, a :class:`Finish`. It
     raises (ideally :class:`UpstreamError`) when it cannot answer. It must stop promptly, releasing
     upstream connections or compute, when its task is cancelled: the drain cancels it at the
     request's deadline or when the validator goes away. ``deadline`` is a ``time.monotonic()``
@@ -66,7 +112,7 @@ class TokenSource(Protocol):
     async def produce(
         self,
         messages: Sequence[BaseMessage],
-        queue: "asyncio.Queue[str | Token]",
+        queue: "asyncio.Queue[Item]",
         deadline: float,
         sampling: Sampling = DEFAULT_SAMPLING,
     ) -> None: ...

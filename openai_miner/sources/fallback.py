@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import bittensor as bt
 from langchain_core.messages import BaseMessage
 
-from openai_miner.sources.base import DEFAULT_SAMPLING, NoAnswer, Sampling, Token, TokenSource, UpstreamError
+from openai_miner.sources.base import DEFAULT_SAMPLING, Item, NoAnswer, Sampling, TokenSource, UpstreamError
 
 
 class CircuitBreaker:
@@ -70,12 +70,12 @@ class CircuitBreaker:
 class _Counted:
     """The queue as the upstream sees it: counts what it put, so we know if it started answering."""
 
-    def __init__(self, queue: "asyncio.Queue[str | Token]") -> None:
+    def __init__(self, queue: "asyncio.Queue[Item]") -> None:
         self._queue = queue
         self.count = 0
         self.started = asyncio.Event()
 
-    def put_nowait(self, token: "str | Token") -> None:
+    def put_nowait(self, token: Item) -> None:
         self.count += 1
         self.started.set()
         self._queue.put_nowait(token)
@@ -130,7 +130,7 @@ class FallbackSource:
     async def produce(
         self,
         messages: Sequence[BaseMessage],
-        queue: "asyncio.Queue[str | Token]",
+        queue: "asyncio.Queue[Item]",
         deadline: float,
         sampling: Sampling = DEFAULT_SAMPLING,
     ) -> None:

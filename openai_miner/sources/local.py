@@ -36,6 +36,13 @@ not run in a batch and covers the prompt, so both paths use :func:`penalize`.
 A prompt over the model's context keeps its most recent tokens: past its trained positions a model
 answers nonsense, or fails outright.
 
+**Tools and usage.** A request's ``tools`` go into the prompt through the chat template when the
+template takes them (it names ``tools``), with the conversation's tool calls and results; the
+model's answer stays text (no tool call is parsed out of it). A template without tool support
+gets the conversation as text: tool results as user messages, the tools left out. Each complete
+answer ends with a :class:`~openai_miner.sources.base.Finish`: the prompt's and the answer's token
+counts (every token generated, stop string or not), ``length`` when it reached its token limit.
+
 **Under load.** On CPU the model computes on one thread fewer than the cores (``threads``): with
 every core in a step, one core taken by another process stalled each step at the threads'
 barriers, and a stalled upstream left most validators unanswered. :meth:`LocalSource.close` stops
@@ -60,11 +67,11 @@ from typing import Any, Callable, Sequence
 
 import bittensor as bt
 import torch
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling, Token, UpstreamError
+from openai_miner.sources.base import DEFAULT_SAMPLING, Finish, Item, Sampling, Token, UpstreamError, Usage
 from openai_miner.sources.local_batch import Batch, BatchRequest, batch_processors, cb_classes
 from openai_miner.sources.local_model import (
     LoadedModel,
@@ -80,6 +87,7 @@ ROLES: dict[type[BaseMessage], str] = {
     SystemMessage: "system",
     HumanMessage: "user",
     AIMessage: "assistant",
+    ToolMessage: "tool",
 }
 
 # Default repetition penalty for models whose generation config sets none.
@@ -200,6 +208,7 @@ class _Plan:
     seed: int | None
     stop: tuple[str, ...]
     top_logprobs: int | None
+    tools: tuple[dict[str, Any], ...] = ()  # given to the chat template; empty when it takes none
     extra: dict = field(default_factory=dict)
 
 
@@ -358,6 +367,7 @@ class LocalSource:
             seed=sampling.seed,
             stop=tuple(sampling.stop),
             top_logprobs=sampling.top_logprobs,
+            tools=tuple(dict(tool) for tool in sampling.tools) if takes_tools(loaded.tokenizer) else (),
         )
 
     def _penalty(self, loaded: LoadedModel) -> float | None:
@@ -380,11 +390,10 @@ class LocalSource:
     async def produce(
         self,
         messages: Sequence[BaseMessage],
-        queue: "asyncio.Queue[str | Token]",
+        queue: "asyncio.Queue[Item]",
         deadline: float,
         sampling: Sampling = DEFAULT_SAMPLING,
     ) -> None:
-        chat = [{"role": _role(message), "content": message.text} for message in messages]
         loop = asyncio.get_running_loop()
         loaded = self._loaded
         if loaded is None:
@@ -403,29 +412,34 @@ class LocalSource:
             bt.logging.debug("local model busy until the deadline: nothing produced")
             return
         plan = self._plan(loaded, sampling)
+        chat = template_chat(messages, tools=takes_tools(loaded.tokenizer))
         release = True
         try:
             input_ids = await asyncio.to_thread(self._prompt, loaded, chat, plan)
+            generated: int | None = None
             if self.plain_reason(loaded, plan) is None:
                 batch = await self._running_batch(loaded)
                 if batch is not None:
-                    await self._produce_batched(batch, loaded, input_ids, plan, queue, deadline)
-                    return
-            release = False  # the plain path frees its place when its thread really ends
-            await self._produce_plain(loaded, input_ids, plan, queue, deadline, slots)
+                    generated = await self._produce_batched(batch, loaded, input_ids, plan, queue, deadline)
+            if generated is None:
+                release = False  # the plain path frees its place when its thread really ends
+                generated = await self._produce_plain(loaded, input_ids, plan, queue, deadline, slots)
         finally:
             if release:
                 slots.release()
+        reason = "length" if generated >= plan.max_new_tokens else "stop"
+        queue.put_nowait(Finish(reason, Usage(len(input_ids), generated)))
 
     def _semaphore(self, loop: asyncio.AbstractEventLoop) -> asyncio.Semaphore:
         if self._slots is None or self._slots[0] is not loop:
             self._slots = (loop, asyncio.Semaphore(self.max_batch))
         return self._slots[1]
 
-    def _prompt(self, loaded: LoadedModel, chat: list[dict[str, str]], plan: _Plan) -> list[int]:
+    def _prompt(self, loaded: LoadedModel, chat: list[dict[str, Any]], plan: _Plan) -> list[int]:
         # Control tokens typed by the validator stay text: only the template writes real ones.
         ids = loaded.tokenizer.apply_chat_template(
             chat,
+            tools=list(plan.tools) or None,
             add_generation_prompt=True,
             sanitize_control_tokens=True,
             return_dict=True,
@@ -525,9 +539,10 @@ class LocalSource:
         loaded: LoadedModel,
         input_ids: list[int],
         plan: _Plan,
-        queue: "asyncio.Queue[str | Token]",
+        queue: "asyncio.Queue[Item]",
         deadline: float,
-    ) -> None:
+    ) -> int:
+        """The answer from the running batch; returns how many tokens it generated."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[str | None] = loop.create_future()
         stops = StopStrings(plan.stop)
@@ -554,7 +569,7 @@ class LocalSource:
         try:
             error = await asyncio.wait_for(asyncio.shield(done), timeout=max(deadline - time.monotonic(), 0))
         except asyncio.TimeoutError:
-            return  # the deadline: the finally below takes it out of the batch
+            return request.seen  # the deadline: the finally below takes it out of the batch
         finally:
             if not done.done() or stops.stopped:
                 batch.cancel(request_id)
@@ -563,6 +578,7 @@ class LocalSource:
         if error is not None:
             bt.logging.warning(f"local generation failed in the batch: {error[:200]}")
             raise UpstreamError("local model failed while generating")
+        return request.seen
 
     # ------------------------------------------------------------------------------- plain path ---
 
@@ -571,10 +587,11 @@ class LocalSource:
         loaded: LoadedModel,
         input_ids: list[int],
         plan: _Plan,
-        queue: "asyncio.Queue[str | Token]",
+        queue: "asyncio.Queue[Item]",
         deadline: float,
         slots: asyncio.Semaphore,
-    ) -> None:
+    ) -> int:
+        """The answer from a ``generate()`` call of its own; returns how many tokens it generated."""
         loop = asyncio.get_running_loop()
         stop = threading.Event()
         try:
@@ -588,7 +605,7 @@ class LocalSource:
         # The place is freed when the thread really ends, not when this request gives up on it.
         job.add_done_callback(lambda _: _release_soon(loop, slots))
         try:
-            await asyncio.wrap_future(job)
+            return await asyncio.wrap_future(job)
         except Exception as exc:
             bt.logging.warning(f"local generation failed: {type(exc).__name__}")
             raise UpstreamError(f"local model failed while generating: {type(exc).__name__}") from exc
@@ -605,12 +622,12 @@ class LocalSource:
         input_ids: list[int],
         plan: _Plan,
         loop: asyncio.AbstractEventLoop,
-        queue: "asyncio.Queue[str | Token]",
+        queue: "asyncio.Queue[Item]",
         stop: threading.Event,
         deadline: float,
-    ) -> None:
+    ) -> int:
         if stop.is_set():  # abandoned while waiting for a thread: skip the prefill too
-            return
+            return 0
         adopt_threads()
         with self._count_lock:
             self._plain += 1
@@ -618,6 +635,7 @@ class LocalSource:
             tokenizer = loaded.tokenizer
             decoder = Decoder(tokenizer)
             stops = StopStrings(plan.stop)
+            generated = 0
 
             def put(items: "list[str | Token]") -> None:
                 if not stop.is_set():
@@ -625,6 +643,8 @@ class LocalSource:
                         queue.put_nowait(item)
 
             def on_token(token_id: int, logprob: float, top: list[tuple[int, float]]) -> None:
+                nonlocal generated
+                generated += 1
                 if stop.is_set() or stops.stopped:
                     return
                 item: "str | Token | None" = (
@@ -655,6 +675,7 @@ class LocalSource:
                 ),
                 stopping_criteria=StoppingCriteriaList([_StopWhen(stop, deadline, stops)]),
             )
+            return generated
         finally:
             with self._count_lock:
                 self._plain -= 1
@@ -679,3 +700,27 @@ def _role(message: BaseMessage) -> str:
         if isinstance(message, kind):
             return role
     raise UpstreamError(f"a local model cannot be sent a {type(message).__name__}")
+
+
+def takes_tools(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template renders ``tools`` (transformers passes them to it as such)."""
+    return "tools" in str(getattr(tokenizer, "chat_template", None) or "")
+
+
+def template_chat(messages: Sequence[BaseMessage], *, tools: bool) -> list[dict[str, Any]]:
+    """The conversation as a chat template takes it. With ``tools``: an assistant's tool calls (in
+    transformers' shape, arguments parsed) and tool results with their call's id; without, as
+    plain text, a tool's result said by the user."""
+    chat: list[dict[str, Any]] = []
+    for message in messages:
+        role = _role(message)
+        turn: dict[str, Any] = {"role": role, "content": message.text}
+        if isinstance(message, ToolMessage):
+            turn = {**turn, "tool_call_id": message.tool_call_id} if tools else {"role": "user", "content": message.text}
+        elif tools and isinstance(message, AIMessage) and message.tool_calls:
+            turn["tool_calls"] = [
+                {"type": "function", "id": call["id"], "function": {"name": call["name"], "arguments": call["args"]}}
+                for call in message.tool_calls
+            ]
+        chat.append(turn)
+    return chat

@@ -5,7 +5,10 @@ arrives. Transient upstream errors (429, 5xx, timeouts, refused connections) are
 ``tenacity``, but only before the first token (a retry after it would repeat text) and only while
 the next attempt can still start before the request's deadline; ``Retry-After`` is honoured. A
 refused prompt (400, 413, 422) or an empty answer is a :class:`NoAnswer`, not an outage. A
-request's own sampling settings and ``logprobs`` go to the upstream as the OpenAI API names them.
+request's own sampling settings, ``logprobs``, ``tools`` and ``tool_choice`` go to the upstream as
+the OpenAI API names them; the model's tool calls come back as
+:class:`~openai_miner.sources.base.ToolCallDelta` pieces, and its finish reason and usage (asked for
+on every stream) as the answer's :class:`~openai_miner.sources.base.Finish`.
 """
 
 import argparse
@@ -30,7 +33,17 @@ from tenacity import (
 )
 
 from openai_miner.config import at_least
-from openai_miner.sources.base import DEFAULT_SAMPLING, NoAnswer, Sampling, Token, UpstreamError
+from openai_miner.sources.base import (
+    DEFAULT_SAMPLING,
+    Finish,
+    Item,
+    NoAnswer,
+    Sampling,
+    Token,
+    ToolCallDelta,
+    UpstreamError,
+    Usage,
+)
 
 RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 REFUSED_STATUS = frozenset({400, 413, 422})  # the prompt's fault (over the context...), not the server's
@@ -66,18 +79,31 @@ class QueueCallback(AsyncCallbackHandler):
     """Puts each streamed, non-empty token on a queue (role, finish and usage chunks are empty).
 
     With ``logprobs``, each token of the chunk's ``logprobs.content`` (in the chunk's
-    ``generation_info``) goes on as a :class:`Token`. Run inline: LangChain otherwise wraps every
-    call in a task of its own, one per token.
+    ``generation_info``) goes on as a :class:`Token`. A chunk's tool-call pieces go on as
+    :class:`ToolCallDelta`\ s; its finish reason and usage are kept for :meth:`finish`. Run
+    inline: LangChain otherwise wraps every call in a task of its own, one per token.
     """
 
     run_inline = True
 
-    def __init__(self, queue: "asyncio.Queue[str | Token]", logprobs: bool = False) -> None:
+    def __init__(self, queue: "asyncio.Queue[Item]", logprobs: bool = False) -> None:
         self.queue = queue
         self.logprobs = logprobs
         self.tokens = 0
+        self.calls = 0  # tool-call pieces
+        self.reason: str | None = None
+        self.usage: Usage | None = None
+
+    @property
+    def answered(self) -> bool:
+        """Whether anything of the answer went out (a retry would then repeat it)."""
+        return self.tokens > 0 or self.calls > 0
+
+    def finish(self) -> Finish:
+        return Finish(self.reason, self.usage)
 
     async def on_llm_new_token(self, token: Any, *, chunk: Any = None, **kwargs: Any) -> None:
+        self.read_metadata(chunk)
         if not isinstance(token, str) or not token:
             return
         info = getattr(chunk, "generation_info", None) or {} if self.logprobs else {}
@@ -95,6 +121,22 @@ class QueueCallback(AsyncCallbackHandler):
                     top=tuple((alt["token"], float(alt["logprob"])) for alt in entry.get("top_logprobs") or ()),
                 )
             )
+
+    def read_metadata(self, chunk: Any) -> None:
+        """A chunk's tool-call pieces (LangChain's ``tool_call_chunks``, arguments
+        as the upstream sent them), its finish reason, its usage."""
+        message = getattr(chunk, "message", None)
+        for piece in getattr(message, "tool_call_chunks", None) or ():
+            self.calls += 1
+            self.queue.put_nowait(
+                ToolCallDelta(piece.get("index") or 0, piece.get("id"), piece.get("name"), piece.get("args") or "")
+            )
+        reason = (getattr(chunk, "generation_info", None) or {}).get("finish_reason")
+        if isinstance(reason, str):
+            self.reason = reason
+        counted = getattr(message, "usage_metadata", None)
+        if counted:
+            self.usage = Usage(int(counted.get("input_tokens") or 0), int(counted.get("output_tokens") or 0))
 
 
 def request_options(sampling: Sampling) -> dict[str, Any]:
@@ -115,6 +157,10 @@ def request_options(sampling: Sampling) -> dict[str, Any]:
         options["extra_body"] = {"top_k": sampling.top_k}
     if sampling.top_logprobs is not None:
         options.update(logprobs=True, top_logprobs=sampling.top_logprobs)
+    if sampling.tools:
+        options["tools"] = list(sampling.tools)
+    if sampling.tool_choice is not None:
+        options["tool_choice"] = sampling.tool_choice
     return options
 
 
@@ -132,7 +178,8 @@ def chat_openai(
     The SDK's own retries are off: :class:`OpenAISource` retries, knowing the deadline. So is
     LangChain's per-chunk timer (120 s by default): every answer has a deadline far shorter, and
     the timer wraps each chunk in ``asyncio.wait_for``, a task per chunk, about 15% of the CPU the
-    path spends per token (measured on a 1,000-token answer).
+    path spends per token (measured on a 1,000-token answer). Every stream asks for its usage
+    (``stream_options.include_usage``): the fronts report the upstream's own count.
     """
     return ChatOpenAI(
         model=model,
@@ -143,7 +190,7 @@ def chat_openai(
         timeout=timeout,
         max_retries=0,
         streaming=True,
-        stream_usage=False,
+        stream_usage=True,
         stream_chunk_timeout=None,
         http_async_client=openai.DefaultAsyncHttpxClient(),
     )
@@ -245,7 +292,7 @@ class OpenAISource:
     async def produce(
         self,
         messages: Sequence[BaseMessage],
-        queue: "asyncio.Queue[str | Token]",
+        queue: "asyncio.Queue[Item]",
         deadline: float,
         sampling: Sampling = DEFAULT_SAMPLING,
     ) -> None:
@@ -267,7 +314,7 @@ class OpenAISource:
             )
 
         retrying = AsyncRetrying(
-            retry=retry_if_exception(lambda error: handler.tokens == 0 and is_transient(error)),
+            retry=retry_if_exception(lambda error: not handler.answered and is_transient(error)),
             stop=stop_after_attempt(self.max_retries + 1) | past_deadline,
             wait=wait,
             before_sleep=log_retry,
@@ -280,5 +327,6 @@ class OpenAISource:
         except (openai.OpenAIError, ValueError, TypeError, AttributeError, KeyError) as error:
             release(error)
             raise upstream_error(error) from error
-        if handler.tokens == 0:
+        if not handler.answered:
             raise NoAnswer("the upstream answered with no text")
+        queue.put_nowait(handler.finish())

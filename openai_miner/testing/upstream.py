@@ -2,8 +2,10 @@
 
 A real upstream is slow, paid and flaky in ways nobody chooses. This one streams the tokens it is
 given at the pace it is given, fails exactly as asked (:class:`Fault`) and records what every
-client did (:class:`RecordedRequest`). It runs its own event loop in a daemon thread, so sync and
-async callers use it alike::
+client did (:class:`RecordedRequest`). Offered ``tools``, it calls the ones it is given
+(:class:`ToolCall`), their arguments split over chunks as OpenAI streams them; it reports usage in
+every whole answer, and at a stream's end when ``stream_options.include_usage`` asks. It runs its
+own event loop in a daemon thread, so sync and async callers use it alike::
 
     with LoopbackUpstream(tokens=["Hello", " world"], interval=0.01) as up:
         client = openai.AsyncOpenAI(base_url=up.base_url, api_key="test")
@@ -54,6 +56,19 @@ class Fault:
 _NO_FAULT = Fault()
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """A call the loopback model makes, after its text, when the request offers ``tools``.
+
+    Streamed, its first chunk carries ``id`` and ``name`` with empty arguments, then each of
+    ``arguments`` goes in a chunk of its own (as OpenAI splits them); whole, they are joined.
+    """
+
+    name: str
+    arguments: Sequence[str] = ("{}",)
+    id: str = "call_loopback_0"
+
+
 @dataclass
 class RecordedRequest:
     """One chat-completions request as the server saw it, updated live from the server thread.
@@ -81,7 +96,8 @@ class LoopbackUpstream:
     its own way. A stream sends its first token ``first_token_delay`` seconds after the role chunk,
     then one every ``interval`` seconds on a fixed schedule, so a busy loop catches up instead of
     drifting. An answer that is not streamed takes as long, then comes whole. ``tokens`` and
-    ``fault`` may be reassigned between requests.
+    ``fault`` may be reassigned between requests. ``tool_calls`` (or a function from the body to
+    them) are made when the request offers ``tools``; its finish reason is then ``tool_calls``.
     """
 
     def __init__(
@@ -91,6 +107,7 @@ class LoopbackUpstream:
         interval: float = 0.0,
         first_token_delay: float = 0.0,
         fault: Fault | Callable[[dict[str, Any]], Fault | None] | None = None,
+        tool_calls: Sequence[ToolCall] | Callable[[dict[str, Any]], Sequence[ToolCall]] = (),
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -98,6 +115,7 @@ class LoopbackUpstream:
         self.interval = interval
         self.first_token_delay = first_token_delay
         self.fault = fault
+        self.tool_calls = tool_calls
         self.host = host
         self.requests: list[RecordedRequest] = []  # appended by the server thread
         self._port = port
@@ -207,6 +225,7 @@ class LoopbackUpstream:
         body = record.body
         tokens = self.tokens(body) if callable(self.tokens) else self.tokens
         tokens = tokens[: body.get("max_completion_tokens") or body.get("max_tokens")]
+        calls = (self.tool_calls(body) if callable(self.tool_calls) else self.tool_calls) if body.get("tools") else ()
         head = {
             "id": completion_id,
             "object": "chat.completion.chunk",
@@ -214,16 +233,22 @@ class LoopbackUpstream:
             "model": body.get("model", MODEL),
         }
         if body.get("stream"):
-            return await self._stream(request, record, fault, tokens, head)
+            return await self._stream(request, record, fault, tokens, calls, head)
         interval = self.interval if fault.interval is None else fault.interval
         await asyncio.sleep(self.first_token_delay + interval * max(len(tokens) - 1, 0))
-        message = {"role": "assistant", "content": "".join(tokens), "refusal": None}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+        text = "".join(tokens)
+        message: dict[str, Any] = {"role": "assistant", "content": None if calls and not text else text, "refusal": None}
+        if calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": "".join(call.arguments)}}
+                for call in calls
+            ]
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls" if calls else "stop"}
         completion = {
             **head,
             "object": "chat.completion",
             "choices": [choice],
-            "usage": _usage(body, len(tokens)),
+            "usage": usage(body, completion_tokens(tokens, calls)),
         }
         return await _send(request, record, web.json_response(completion))
 
@@ -233,6 +258,7 @@ class LoopbackUpstream:
         record: RecordedRequest,
         fault: Fault,
         tokens: Sequence[str],
+        calls: Sequence[ToolCall],
         head: dict[str, Any],
     ) -> web.StreamResponse:
         response = web.StreamResponse(headers=_SSE_HEADERS)
@@ -252,12 +278,17 @@ class LoopbackUpstream:
             if request.transport is not None:  # None only once the client has left
                 request.transport.close()  # flushes what was written: exactly drop_after tokens
             return response
+        for index, call in enumerate(calls):
+            first = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+            await response.write(_chunk(head, {"tool_calls": [first]}))
+            for fragment in call.arguments:
+                await response.write(_chunk(head, {"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}))
         if fault.no_done:
             await asyncio.get_running_loop().create_future()  # until cancelled
-        await response.write(_chunk(head, {}, "stop"))
+        await response.write(_chunk(head, {}, "tool_calls" if calls else "stop"))
         if (record.body.get("stream_options") or {}).get("include_usage"):
-            usage = _usage(record.body, len(tokens))
-            await response.write(_sse({**head, "choices": [], "usage": usage}))
+            counted = usage(record.body, completion_tokens(tokens, calls))
+            await response.write(_sse({**head, "choices": [], "usage": counted}))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         record.finished = True
@@ -277,7 +308,7 @@ def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + _json(payload).encode() + b"\n\n"
 
 
-def _chunk(head: dict[str, Any], delta: dict[str, str], finish_reason: str | None = None) -> bytes:
+def _chunk(head: dict[str, Any], delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
     choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
     return _sse({**head, "choices": [choice]})
 
@@ -311,7 +342,13 @@ def _logprob_frames(head: dict[str, Any], top: int) -> Callable[[str], bytes]:
     return frame
 
 
-def _usage(body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
+def completion_tokens(tokens: Sequence[str], calls: Sequence[ToolCall]) -> int:
+    """What this server counts as an answer's tokens: its text tokens and its calls' argument fragments."""
+    return len(tokens) + sum(len(call.arguments) for call in calls)
+
+
+def usage(body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
+    """The usage this server reports: a prompt token per whitespace-separated word of each message's content."""
     prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in body.get("messages", []))
     return {
         "prompt_tokens": prompt_tokens,

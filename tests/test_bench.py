@@ -129,3 +129,21 @@ def test_local_load_bench_runs_every_case_quiet_and_with_a_core_busy(tmp_path: P
     for name, case in cases.items():
         assert case["answered_with_text"] == case["asked"] == 2, (name, case)
     assert all("busy_after_cut_s" in cases[f"cut, {load}"] for load in LOADS)
+
+
+def test_loosh_bench_runs_the_sn78_front_beside_its_reference(tmp_path: Path) -> None:
+    """Both servers handshake every validator and answer every challenge with the upstream's exact
+    text, from one upstream call each (timings unchecked: ``python -m bench.loosh`` reports them)."""
+    run_bench("bench.loosh", "--smoke", "--out", str(tmp_path), cwd=tmp_path, timeout=60)
+    results = json.loads((tmp_path / "loosh.json").read_text())
+    assert (tmp_path / "loosh.md").read_text().startswith("Command: `python -m bench.loosh --smoke")
+    levels = [str(k) for k in results["settings"]["levels"]]
+    for kind in ("front", "reference"):
+        assert results["kinds"][kind]["handshake_ms"]["n"] == int(levels[-1])
+        for k in levels:
+            case = results["kinds"][kind]["levels"][k]
+            assert case["errors"] == 0, (kind, k, case["error_examples"])
+            assert case["answer_ms"]["n"] == int(k) * case["rounds"] and case["wall_s"] > 0
+            assert case["upstream_calls_per_challenge"] == 1
+    assert all(results["front_over_reference_wall"][k] > 0 for k in levels)
+    assert {target["target"] for target in results["targets"]} and results["meta"]["load_average_1m"]

@@ -7,6 +7,10 @@ axon on 127.0.0.1, the validators registered on the mock chain with a permit and
 messages=[prompt])``. The answer is printed as it streams, then a summary: chunks, time to the
 first chunk, total time, status code and which backend answered.
 
+``--front loosh`` asks as an SN78 (Loosh inference subnet) validator instead: the miner serves only
+its SN78 front, and each validator handshakes (RSA-OAEP key exchange, sr25519-signed) and sends
+the prompt as an encrypted challenge; the decrypted answer is printed whole (SN78 does not stream).
+
 The miner picks its backend as in production: OpenAI when ``OPENAI_API_KEY`` is set (or the
 server of ``--base-url``, which needs no key), the local fallback model otherwise.
 
@@ -22,10 +26,13 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
+from datetime import datetime, timezone
 from typing import Sequence, TextIO
 
 import bittensor as bt
+import httpx
 
 from openai_miner.cli import INTERRUPTED, exit_code
 from openai_miner.config import ConfigError, at_least, layered_env, port_number
@@ -41,6 +48,7 @@ from openai_miner.testing.localnet import (
     offline_ip,
     register_validator,
 )
+from openai_miner.testing.loosh import LooshValidator
 from openai_miner.testing.validator import Answer, ask
 
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -91,7 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--wallet-dir", default=None,
         help="Keep the demo wallets here (created if missing) instead of a temporary directory.",
     )
-    parser.add_argument("--port", type=port_number, default=0, help="Axon port (default: 0, any free port).")
+    parser.add_argument(
+        "--front", choices=("axon", "loosh"), default="axon",
+        help="How the validators ask: axon (SN1's synapse, streamed) or loosh (SN78's handshake and "
+        "encrypted challenge, answered whole) (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--port", type=port_number, default=0, help="Port of the front asked (default: 0, any free port)."
+    )
     parser.add_argument("--verbose", action="store_true", help="Bittensor and miner debug logging.")
     return parser
 
@@ -130,7 +145,51 @@ def demo_flags(args: argparse.Namespace) -> list[str]:
         flags += ["--fallback.off"]
     if args.verbose:
         flags += ["--logging.debug"]
+    if args.front == "loosh":
+        flags += ["--loosh.timeout", str(args.timeout)]
     return flags
+
+
+def sn78_challenge(prompt: str, max_tokens: int | None) -> dict[str, object]:
+    """The prompt as SN78's validator sends it (``prompt`` alone is one user message)."""
+    challenge: dict[str, object] = {
+        "prompt": prompt,
+        "model": "default",  # the validator's name for its default model: a hint the miner does not route on
+        "correlation_id": str(uuid.uuid4()),
+        "created_at": datetime.now(timezone.utc).isoformat(),
+    }
+    if max_tokens:
+        challenge["max_tokens"] = max_tokens
+    return challenge
+
+
+async def ask_sn78(wallet: bt.Wallet, port: int, prompt: str, max_tokens: int | None, timeout: float) -> Answer:
+    """One SN78 validator's round: handshake, encrypted challenge, decrypted answer, as an :class:`Answer`."""
+    answer = Answer(started=time.monotonic())
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=timeout + 5) as client:
+        reply = await LooshValidator(wallet.hotkey, client).ask(sn78_challenge(prompt, max_tokens))
+    answer.ended = time.monotonic()
+    answer.status, answer.error = reply.status, reply.error
+    text = (reply.answer or {}).get("response_text")
+    if isinstance(text, str) and text:
+        answer.chunks, answer.chunk_times = [text], [answer.ended]
+    return answer
+
+
+async def ask_all_sn78(
+    validators: Sequence[bt.Wallet], port: int, args: argparse.Namespace, out: TextIO
+) -> list[Answer]:
+    """Every validator's SN78 round at once; each answer printed whole as it ends."""
+
+    async def one(index: int, wallet: bt.Wallet) -> Answer:
+        answer = await ask_sn78(wallet, port, args.prompt, args.max_tokens, args.timeout)
+        if len(validators) > 1:
+            print(numbered_answer(index, answer, len(validators)), file=out, flush=True)
+        else:
+            print(answer.text, file=out, flush=True)
+        return answer
+
+    return list(await asyncio.gather(*(one(i, w) for i, w in enumerate(validators))))
 
 
 def answered_by(source: object, before: Counter) -> str:
@@ -202,7 +261,13 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 wallet_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="openai-miner-demo-"))
             env = layered_env()
             port = args.port or free_port()
-            argv = miner_argv(wallet_dir, port, *demo_flags(args), name="demo-miner")
+            if args.front == "loosh":  # the SN78 front alone, on the port asked
+                argv = miner_argv(
+                    wallet_dir, free_port(), "--axon.off", "--loosh.port", str(port), *demo_flags(args),
+                    name="demo-miner",
+                )
+            else:
+                argv = miner_argv(wallet_dir, port, *demo_flags(args), name="demo-miner")
             config = OpenAIMiner.config(argv, env=env)
             make_wallet(wallet_dir, "demo-miner")  # its own throwaway directory: nothing to announce
             validators = [make_wallet(wallet_dir, f"demo-validator-{i}") for i in range(args.concurrency)]
@@ -223,7 +288,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 print(f"loaded in {time.monotonic() - loading:.1f}s", file=out, flush=True)
             miner.run_in_background_thread()
             print(
-                f"miner {miner.wallet.hotkey.ss58_address} on 127.0.0.1:{port} (mock chain) | "
+                f"miner {miner.wallet.hotkey.ss58_address} on 127.0.0.1:{port} ({args.front} front, mock chain) | "
                 f"backend {miner.backend()} | batch {config.neuron.streaming_batch_size} tokens",
                 file=out, flush=True,
             )
@@ -231,11 +296,15 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 f"validator {validators[0].hotkey.ss58_address}"
                 if len(validators) == 1 else f"{len(validators)} validators"
             )
-            print(f"{who} ask (timeout {args.timeout:g}s): {args.prompt}", file=out, flush=True)
+            how = " as SN78 validators do (a handshake, then an encrypted challenge)" if args.front == "loosh" else ""
+            print(f"{who} ask{how} (timeout {args.timeout:g}s): {args.prompt}", file=out, flush=True)
             print("", file=out, flush=True)
             before = Counter(miner.source.answered) if isinstance(miner.source, FallbackSource) else Counter()
             started = time.monotonic()
-            answers = asyncio.run(ask_all(validators, miner.axon.info(), args.prompt, args.timeout, out))
+            if args.front == "loosh":
+                answers = asyncio.run(ask_all_sn78(validators, port, args, out))
+            else:
+                answers = asyncio.run(ask_all(validators, miner.axon.info(), args.prompt, args.timeout, out))
             wall = time.monotonic() - started
             backend = answered_by(miner.source, before)
             print("---", file=out)

@@ -71,6 +71,25 @@ def test_demo_streams_the_answer_then_a_summary(capsys, tmp_path: Path) -> None:
     assert (tmp_path / "w" / "demo-validator-0" / "hotkeys" / "default").exists()
 
 
+def test_demo_asks_as_an_sn78_validator(capsys, tmp_path: Path) -> None:
+    port = free_port()
+    with LoopbackUpstream(tokens=WORDS) as up:
+        code, out, err = run_demo(
+            capsys, PROMPT, "--front", "loosh", "--base-url", up.base_url, "--no-fallback", "--max-tokens", "20",
+            "--port", str(port), "--wallet-dir", str(tmp_path / "w"),
+        )
+    assert code == 0, err
+    assert f"on 127.0.0.1:{port} (loosh front, mock chain)" in out
+    assert f"as SN78 validators do (a handshake, then an encrypted challenge) (timeout 60s): {PROMPT}" in out
+    assert f"\n{ANSWER}\n---\n" in out
+    summary = SUMMARY.search(out)
+    assert summary and summary[1] == "1" and summary[2] == f"openai (gpt-4o-mini at {up.base_url})", out
+    asked = up.requests[0].body
+    assert asked["messages"] == [{"role": "user", "content": PROMPT}]  # no system prompt: SN78 sends its own
+    assert asked.get("max_completion_tokens", asked.get("max_tokens")) == 20
+    assert port_is_free(port)
+
+
 def test_demo_prints_each_chunk_as_it_arrives(tmp_path: Path) -> None:
     words = [f"w{i} " for i in range(12)]
     out = Recorder()

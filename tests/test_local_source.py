@@ -145,8 +145,10 @@ async def test_maps_messages_and_keeps_typed_control_tokens_as_text(
     # Only the template's four end-of-message markers are real EOS tokens; the typed one is text.
     assert prompts[0].count(loaded.tokenizer.eos_token_id) == len(history)
 
-    with pytest.raises(UpstreamError, match="ToolMessage"):
-        await local.produce([ToolMessage("x", tool_call_id="1")], queue, time.monotonic() + 30)
+    # This template takes no tools: a tool's result is said by the user, the call itself as text.
+    called = AIMessage("", additional_kwargs={"tool_calls": [{"id": "1", "type": "function", "function": {"name": "fox", "arguments": "{}"}}]})
+    await local.produce([*QUESTION, called, ToolMessage("paris", tool_call_id="1")], queue, time.monotonic() + 30)
+    assert loaded.tokenizer.decode(prompts[1]).endswith("assistant : </s> user : paris </s> assistant :")
 
 
 async def test_cancelling_produce_stops_generate(tiny_model: str) -> None:

@@ -80,7 +80,7 @@ class QueueCallback(AsyncCallbackHandler):
 
     With ``logprobs``, each token of the chunk's ``logprobs.content`` (in the chunk's
     ``generation_info``) goes on as a :class:`Token`. A chunk's tool-call pieces go on as
-    :class:`ToolCallDelta`\ s; its finish reason and usage are kept for :meth:`finish`. Run
+    :class:`ToolCallDelta` items; its finish reason and usage are kept for :meth:`finish`. Run
     inline: LangChain otherwise wraps every call in a task of its own, one per token.
     """
 

@@ -37,6 +37,15 @@ class LooshReply:
     def ok(self) -> bool:
         return self.status == 200 and self.answer is not None
 
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """The calls the model made, in OpenAI's shape (none: an empty list)."""
+        return (self.answer or {}).get("tool_calls") or []
+
+    @property
+    def usage(self) -> dict[str, int] | None:
+        return (self.answer or {}).get("usage")
+
 
 def key_exchange(
     keypair: Keypair, public_key_pem: str, *, timestamp: float | None = None, nonce: str | None = None

@@ -5,7 +5,7 @@ timed chunk by chunk (:func:`ask`), the same over the HTTP front with a signing 
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import aiohttp
 import bittensor as bt
@@ -30,6 +30,9 @@ class Answer:
     message: str = ""  # the status message
     error: str | None = None  # the client failed (an exception, never raised)
     synapse: StreamPromptingSynapse | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # HTTP: assembled from the deltas
+    finish_reason: str | None = None  # HTTP
+    usage: dict[str, int] | None = None  # HTTP: the final usage chunk, when asked for
 
     @property
     def text(self) -> str:
@@ -89,11 +92,19 @@ async def ask(
 
 
 async def ask_http(
-    client: httpx.AsyncClient, port: int, content: str, timeout: float = 10.0, *, label: str = ""
+    client: httpx.AsyncClient,
+    port: int,
+    content: str,
+    timeout: float = 10.0,
+    *,
+    label: str = "",
+    extra: dict[str, Any] | None = None,
 ) -> Answer:
     """Ask the HTTP front on 127.0.0.1:``port`` for a streamed answer (``client`` signs, see
-    :func:`signing_client`), recording every content chunk as it comes."""
-    body = {"model": "any", "messages": [{"role": "user", "content": content}], "stream": True}
+    :func:`signing_client`), recording every content chunk as it comes; its tool calls (each
+    call's argument fragments joined as they came), finish reason and usage chunk too.
+    ``extra``: more fields of the body (``tools``, ``stream_options``...)."""
+    body = {"model": "any", "messages": [{"role": "user", "content": content}], "stream": True, **(extra or {})}
     answer = Answer(label=label, started=time.monotonic())
     try:
         async with client.stream(
@@ -104,8 +115,14 @@ async def ask_http(
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                choices = json.loads(line[6:]).get("choices") or [{}]
-                text = (choices[0].get("delta") or {}).get("content")
+                event = json.loads(line[6:])
+                answer.usage = event.get("usage") or answer.usage
+                choices = event.get("choices") or [{}]
+                delta = choices[0].get("delta") or {}
+                answer.finish_reason = choices[0].get("finish_reason") or answer.finish_reason
+                for piece in delta.get("tool_calls") or ():
+                    _add_piece(answer.tool_calls, piece)
+                text = delta.get("content")
                 if text:
                     answer.chunks.append(text)
                     answer.chunk_times.append(time.monotonic())
@@ -113,6 +130,16 @@ async def ask_http(
         answer.error = f"{type(error).__name__}: {error}"
     answer.ended = time.monotonic()
     return answer
+
+
+def _add_piece(calls: list[dict[str, Any]], piece: dict[str, Any]) -> None:
+    """Adds a streamed ``delta.tool_calls`` piece to the calls so far, as OpenAI's clients do."""
+    while len(calls) <= piece["index"]:
+        calls.append({"id": None, "type": "function", "function": {"name": None, "arguments": ""}})
+    call, function = calls[piece["index"]], piece.get("function") or {}
+    call["id"] = call["id"] or piece.get("id")
+    call["function"]["name"] = call["function"]["name"] or function.get("name")
+    call["function"]["arguments"] += function.get("arguments") or ""
 
 
 async def post_signed(

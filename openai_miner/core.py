@@ -18,7 +18,7 @@ from langchain_core.messages import BaseMessage
 
 from openai_miner.access import Access
 from openai_miner.config import add_bool, at_least
-from openai_miner.messages import to_chat_messages
+from openai_miner.messages import InvalidPrompt, to_chat_messages
 from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling, TokenSource
 from openai_miner.streaming import Emit, StreamResult, stream_answer, stream_deadline
 from openai_miner.system_prompts import SystemPrompts
@@ -45,6 +45,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--neuron.max_messages", type=at_least(1), default=1024,
         help="Refuse conversations of more messages than this (each costs time on the event loop).",
     )
+
+
+class Refused(Exception):
+    """A request turned away before any model work: the HTTP status and the reason for the caller.
+    Each front answers it in its own wire's shape and counts it (``Access.refused``)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -123,6 +133,38 @@ class Core:
             max_messages=self.max_messages,
             extras=extras,
         )
+
+    def question(
+        self,
+        hotkey: str,
+        roles: Sequence[str],
+        contents: Sequence[str],
+        task: str | None,
+        *,
+        timeout: float | None,
+        arrived: float,
+        sampling: Sampling = DEFAULT_SAMPLING,
+        templated: bool = True,
+        extras: Sequence[Mapping[str, Any]] = (),
+        batch_size: int | None = None,
+        invalid: str = "invalid prompt",
+    ) -> Question:
+        """A proven caller's request as a :class:`Question`: the steps every front takes once the
+        signature (or the decryption) showed who asks, in one place so that they cannot drift apart:
+        the hotkey's rate limit and recent repeats (429), then the chat messages (400,
+        ``"{invalid}: why"``), then the deadline counted from ``arrived``. Raises :class:`Refused`.
+
+        The steps before, cheapest first, are the front's: its body limit, the access policy on the
+        claimed hotkey (``Access.refusal``, before any signature work), its signature or decryption.
+        """
+        limited = self.access.admit(hotkey, contents)
+        if limited is not None:
+            raise Refused(limited.status, limited.reason)
+        try:
+            messages = self.chat(roles, contents, task, templated=templated, extras=extras)
+        except InvalidPrompt as why:
+            raise Refused(400, f"{invalid}: {why}") from None
+        return Question(messages, self.deadline(timeout, arrived), hotkey, sampling, batch_size=batch_size)
 
     def deadline(self, timeout: float | None, arrived: float | None = None) -> float:
         """When to stop sending an answer to a request that arrived at ``arrived`` (default: now)."""

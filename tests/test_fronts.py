@@ -19,15 +19,23 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from openai_miner import cli
-from openai_miner.chain import register_mock_neuron
+from openai_miner.access import (
+    Access,
+    AccessPolicy,
+    RateLimiter,
+    RecentPrompts,
+    Refusals,
+)
+from openai_miner.chain import Registry, register_mock_neuron
 from openai_miner.config import ConfigError
-from openai_miner.core import Question
+from openai_miner.core import Core, Question, Refused
 from openai_miner.fronts import base
 from openai_miner.fronts.base import Front
 from openai_miner.miner import OpenAIMiner
 from openai_miner.sources.base import Token
 from openai_miner.sources.fallback import CircuitBreaker, FallbackSource
 from openai_miner.streaming import text_of
+from openai_miner.system_prompts import SystemPrompts
 from openai_miner.testing.fake_source import FakeSource
 from openai_miner.testing.localnet import NETUID, free_port, make_wallet, miner_argv
 from openai_miner.testing.loosh import LooshValidator
@@ -287,3 +295,20 @@ async def test_sn78_availability_follows_what_can_answer(serve_miner, primary, l
     async with httpx.AsyncClient() as client:
         response = await client.get(f"http://127.0.0.1:{miner.config.loosh.port}/availability")
     assert response.status_code == 200 and json.loads(response.content) == {"available": available}
+
+
+# -- the admission steps every front shares --------------------------------------------------------
+
+
+def test_a_proven_callers_request_becomes_a_question_in_one_core_call() -> None:
+    access = Access(AccessPolicy(allow_non_registered=True), Registry(), RateLimiter(2), RecentPrompts(0), refusals=Refusals(every=0))
+    core = Core(FakeSource(WORDS), access, SystemPrompts({"generic": "Be brief."}), deadline_margin=0.5)
+    asked = core.question("v", ["user"], ["hi"], None, timeout=10.0, arrived=100.0, batch_size=1)
+    assert [m.content for m in asked.messages] == ["Be brief.", "hi"] and asked.deadline == 109.5
+    assert (asked.hotkey, asked.batch_size) == ("v", 1)
+    with pytest.raises(Refused) as invalid:  # counted against the limit: it was asked
+        core.question("v", ["wizard"], ["hi"], None, timeout=None, arrived=0.0, invalid="challenge")
+    assert invalid.value.status == 400 and invalid.value.reason.startswith("challenge: ")
+    with pytest.raises(Refused) as limited:
+        core.question("v", ["user"], ["hi"], None, timeout=None, arrived=0.0)
+    assert limited.value.status == 429 and "requests in a minute" in limited.value.reason

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from openai_miner.config import add_bool, at_least
-from openai_miner.core import Core, Question
+from openai_miner.core import Core, Question, Refused
 from openai_miner.fronts import base
 from openai_miner.fronts.auth import Authenticator, AuthError
 from openai_miner.messages import MAX_TIMEOUT, MAX_TOOL_CALLS, InvalidPrompt
@@ -53,15 +53,6 @@ def add_args(parser: argparse._ActionsContainer) -> None:
         "--http.tasks", type=str, nargs="*", default=["InferenceTask", "MSRv2Task"], metavar="TASK",
         help="Tasks /availability says this miner takes (WebRetrievalTask needs live web search).",
     )
-
-
-class Refused(Exception):
-    """A request turned away before any model work: the HTTP status and a reason for the caller."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 def refusal(status: int, reason: str) -> JSONResponse:
@@ -414,25 +405,20 @@ class HttpFront:
         try:
             hotkey, body = await self.admitted(request)
             asked = parse_body(body)
-            limited = self.core.access.admit(hotkey, asked.contents)
-            if limited is not None:
-                raise Refused(limited.status, limited.reason)
-            try:
-                templated = asked.task is None or task_key(asked.task) not in UNTEMPLATED
-                messages = self.core.chat(asked.roles, asked.contents, asked.task, templated=templated, extras=asked.extras)
-            except InvalidPrompt as invalid:
-                raise Refused(400, f"invalid prompt: {invalid}") from None
+            question = self.core.question(
+                hotkey, asked.roles, asked.contents, asked.task,
+                timeout=_timeout(request.headers.get("x-client-timeout"), asked.timeout), arrived=arrived,
+                sampling=asked.sampling,
+                templated=asked.task is None or task_key(asked.task) not in UNTEMPLATED,
+                extras=asked.extras,
+                batch_size=1 if asked.sampling.top_logprobs is not None else None,
+            )
         except Refused as refused:
             bt.logging.debug(f"http: refused {refused.status}: {refused.reason}")
             self.core.access.refused(request.client.host if request.client else None, refused.reason)
             return refusal(refused.status, refused.reason)
         except ClientDisconnect:
             return Response(status_code=400)
-        timeout = _timeout(request.headers.get("x-client-timeout"), asked.timeout)
-        question = Question(
-            messages, self.core.deadline(timeout, arrived), hotkey, asked.sampling,
-            batch_size=1 if asked.sampling.top_logprobs is not None else None,
-        )
         completion = Completion(
             asked.model or next(iter(sorted(self.models)), "openai-miner"), include_usage=asked.include_usage
         )

@@ -48,6 +48,7 @@ from starlette.routing import Route
 
 from openai_miner.config import at_least
 from openai_miner.core import Core, Question
+from openai_miner.core import Refused as CoreRefused
 from openai_miner.fronts import base
 from openai_miner.fronts.http import finish_reason, parse_chat, tool_calls, usage
 from openai_miner.messages import InvalidPrompt
@@ -88,13 +89,11 @@ def add_args(parser: argparse._ActionsContainer) -> None:
     )
 
 
-class Refused(Exception):
+class Refused(CoreRefused):
     """A request turned away before any model work; ``handshake``: the validator's key will not do."""
 
     def __init__(self, status: int, reason: str, *, handshake: bool = False) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
+        super().__init__(status, reason)
         self.handshake = handshake
 
 
@@ -341,13 +340,13 @@ class LooshFront:
             ]
         )
 
-    def refuse(self, request: Request, refused: Refused) -> JSONResponse:
+    def refuse(self, request: Request, refused: CoreRefused) -> JSONResponse:
         """FastAPI's ``{"detail"}`` shape, as the validator expects; with the public key when it
         must handshake again, so that takes one round trip."""
         bt.logging.debug(f"loosh: refused {refused.status}: {refused.reason}")
         self.core.access.refused(request.client.host if request.client else None, refused.reason)
         body: dict[str, Any] = {"detail": refused.reason}
-        if refused.handshake:
+        if isinstance(refused, Refused) and refused.handshake:
             body.update(public_key=self.public_key, requires_handshake=True)
         return JSONResponse(body, status_code=refused.status)
 
@@ -434,18 +433,14 @@ class LooshFront:
             payload = self.open_challenge(fernet, await read_body(request, self.max_body_bytes))
             self.check_policy(hotkey)
             asked = parse_challenge(payload)
-            limited = self.core.access.admit(hotkey, asked.contents)
-            if limited is not None:
-                raise Refused(limited.status, limited.reason)
-            try:
-                messages = self.core.chat(asked.roles, asked.contents, None, templated=False, extras=asked.extras)
-            except InvalidPrompt as invalid:
-                raise Refused(400, f"challenge: {invalid}") from None
-        except Refused as refused:
+            question = self.core.question(
+                hotkey, asked.roles, asked.contents, None, timeout=self.timeout, arrived=arrived,
+                sampling=asked.sampling, templated=False, extras=asked.extras, invalid="challenge",
+            )
+        except CoreRefused as refused:
             return self.refuse(request, refused)
         except ClientDisconnect:
             return Response(status_code=400)
-        question = Question(messages, self.core.deadline(self.timeout, arrived), hotkey, asked.sampling)
         answered = await self.answered_unless_hung_up(request, question)
         if answered is None:
             bt.logging.debug(f"loosh: {hotkey[:10]} hung up; answer cancelled")

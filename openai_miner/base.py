@@ -324,7 +324,7 @@ class Miner(abc.ABC):
             self.stop_run_thread()
 
     def run_in_background_thread(self) -> None:
-        """Start :meth:`run` in a daemon thread; returns once the axon listens."""
+        """Start :meth:`run` in a daemon thread; returns once every front listens."""
         if self._thread is not None:
             return
         self.exit_request.clear()

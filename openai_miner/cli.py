@@ -11,7 +11,7 @@ Start-up fails loudly, with the reason and the fix, before serving anything. Exi
 - 2: bad configuration: a flag, an environment variable or the ``.env`` file is unreadable or
   has a bad value.
 - 3: the hotkey is not registered on the subnet.
-- 4: the axon port is busy.
+- 4: a front's port (the axon's, the HTTP or SN78 front's) is busy.
 - 5: the wallet (coldkeypub or hotkey file) does not exist; checked before connecting to the chain.
 - 6: the chain (subtensor endpoint) cannot be reached.
 - 130: interrupted before the miner started serving, e.g. while loading the local model.

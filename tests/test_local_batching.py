@@ -15,7 +15,7 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 from tests.helpers import DEVICE
 from tests.helpers import STARTED
 from tests.helpers import local_source as source
-from openai_miner.sources.base import Sampling, Token
+from openai_miner.sources.base import Finish, Sampling, Token
 from openai_miner.sources.local import LocalSource
 from openai_miner.sources.local_batch import batch_processors
 from openai_miner.sources.local_model import default_model, pick_dtype
@@ -45,7 +45,8 @@ class Stream:
     async def _pump(self) -> None:
         while True:
             item = await self.queue.get()
-            self.items.append((self.tick(), item))
+            if not isinstance(item, Finish):  # the answer's last item: its usage, no text
+                self.items.append((self.tick(), item))
 
     async def count(self, n: int, limit: float = 20) -> None:
         started = time.monotonic()
@@ -59,6 +60,12 @@ class Stream:
         finally:
             await asyncio.sleep(0)
             self.pump.cancel()
+
+
+def drained(queue: asyncio.Queue) -> str:
+    """The text a finished answer left on its queue (its :class:`Finish` is no text)."""
+    items = [queue.get_nowait() for _ in range(queue.qsize())]
+    return "".join(item for item in items if isinstance(item, str))
 
 
 async def until(condition: Any, limit: float = 5) -> None:
@@ -208,7 +215,7 @@ async def test_seed_makes_a_sampled_answer_reproducible(tiny_model: str) -> None
     for seed in (7, 7, 8):
         queue: asyncio.Queue[str] = asyncio.Queue()
         await local.produce(QUESTION, queue, time.monotonic() + 30, Sampling(temperature=1.5, seed=seed))
-        answers.append("".join(queue.get_nowait() for _ in range(queue.qsize())))
+        answers.append(drained(queue))
     assert answers[0] == answers[1] != answers[2]
 
 
@@ -216,11 +223,11 @@ async def test_stop_string_ends_the_answer_before_it(tiny_model: str) -> None:
     local = source(tiny_model, max_new_tokens=60)
     queue: asyncio.Queue[str] = asyncio.Queue()
     await local.produce(QUESTION, queue, time.monotonic() + 30)
-    full = "".join(queue.get_nowait() for _ in range(queue.qsize()))
+    full = drained(queue)
     words = full.split()
     stop = " ".join(words[3:5])
     await local.produce(QUESTION, queue, time.monotonic() + 30, Sampling(stop=(stop,)))
-    cut = "".join(queue.get_nowait() for _ in range(queue.qsize()))
+    cut = drained(queue)
     assert cut == full[: full.index(stop)]
     await until(lambda: local.generating == 0)
 
@@ -247,7 +254,7 @@ async def test_real_smollm2_does_not_loop() -> None:
         await asyncio.gather(
             *(local.produce([HumanMessage(p)], q, deadline) for p, q in zip(prompts, queues))
         )
-        return ["".join(q.get_nowait() for _ in range(q.qsize())) for q in queues]
+        return [drained(q) for q in queues]
 
     started = time.monotonic()
     guarded = await answers(LocalSource(path, device=DEVICE, temperature=0))

@@ -12,7 +12,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 
 from tests.helpers import DEVICE
 from tests.helpers import local_source as source
-from openai_miner.sources.base import Sampling, UpstreamError
+from openai_miner.sources.base import Finish, Sampling, UpstreamError
 from tests.tiny_model import build_tiny_model
 from transformers import LogitsProcessorList
 
@@ -33,7 +33,8 @@ async def collect(
             token = await asyncio.wait_for(queue.get(), 0.01)
         except asyncio.TimeoutError:
             continue
-        seen.append((time.monotonic(), token, local.generating))
+        if not isinstance(token, Finish):  # the answer's last item: its usage, no text
+            seen.append((time.monotonic(), token, local.generating))
     await task
     return seen
 
@@ -364,3 +365,31 @@ def test_with_no_hub_reachable_a_hub_id_fails_at_once(monkeypatch: pytest.Monkey
     with caplog.at_level("WARNING"), pytest.raises(OSError):  # not in the cache: no download is tried
         load_model("no-such-org/no-such-model", "cpu")
     assert probes == ["probe"] and "no model hub reachable" in caplog.text
+
+
+TOOLS_TEMPLATE = (  # names its tools and an assistant's calls, as tool-aware templates do
+    "{% if tools %}system : {% for t in tools %}{{ t['function']['name'] }} {% endfor %}</s> {% endif %}"
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}"
+    "{% for c in m.get('tool_calls') or [] %} {{ c['function']['name'] }} {{ c['function']['arguments']['city'] }}{% endfor %}"
+    " </s> {% endfor %}{% if add_generation_prompt %}assistant :{% endif %}"
+)
+
+
+async def test_a_template_that_takes_tools_gets_them_and_the_tool_turns(
+    tiny_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local = source(tiny_model, max_new_tokens=3)
+    loaded = local.load()
+    loaded.tokenizer.chat_template = TOOLS_TEMPLATE
+    prompts = spy_prompts(local, monkeypatch)
+    queue: asyncio.Queue = asyncio.Queue()
+    tool = {"type": "function", "function": {"name": "fox", "parameters": {"type": "object", "properties": {}}}}
+    called = AIMessage("", additional_kwargs={"tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "dog", "arguments": '{"city": "paris"}'}}
+    ]})
+    history = [*QUESTION, called, ToolMessage("lazy", tool_call_id="c1")]
+    await local.produce(history, queue, time.monotonic() + 30, Sampling(tools=(tool,)))
+    prompt = loaded.tokenizer.decode(prompts[0])
+    assert prompt.startswith("system : fox </s> user : what is the capital of france ?")
+    assert prompt.endswith("assistant : dog paris </s> [UNK] : lazy </s> assistant :")  # "tool": not a word it knows
+    assert all(isinstance(item, str) for item in list(queue._queue)[:-1])  # the answer stays text

@@ -36,6 +36,9 @@ async def test_recorded_stream_is_batched_exactly(vcr, cassette_upstream, batch:
     assert result.outcome == "complete" and expected
     assert send.text == expected
     assert len(send.messages) == math.ceil(result.tokens / batch)
+    # the stream was asked for its usage: the upstream's own count, past the last token
+    assert result.finish_reason == "stop" and result.usage is not None
+    assert result.usage.completion_tokens == result.tokens and result.usage.prompt_tokens > 0
 
 
 @pytest.mark.vcr

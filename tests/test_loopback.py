@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from openai_miner.testing.upstream import Fault, LoopbackUpstream
+from openai_miner.testing.upstream import Fault, LoopbackUpstream, ToolCall, usage
 
 TOKENS = ["Hello", ",", " world", "!"]
 MESSAGES = [{"role": "user", "content": "say hello"}]
@@ -72,6 +72,46 @@ async def test_non_streaming_returns_the_joined_text_and_models_lists_one() -> N
     assert completion.usage is not None and completion.usage.completion_tokens == 4
     assert [model.id for model in models.data] == ["loopback"]
     assert up.requests[0].finished
+
+
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}}]
+CALLS = [ToolCall("weather", ['{"city"', ': "Paris"}'], id="call_a"), ToolCall("time", ["{}"], id="call_b")]
+
+
+async def test_offered_tools_it_streams_its_calls_as_openai_splits_them() -> None:
+    with LoopbackUpstream(tokens=["Let me look."], tool_calls=CALLS) as up:
+        async with client(up) as api:
+            stream = await api.chat.completions.create(
+                model="m", messages=MESSAGES, tools=TOOLS, stream=True, stream_options={"include_usage": True}
+            )
+            chunks = [chunk async for chunk in stream]
+    pieces = [(p.index, p.id, p.function.name, p.function.arguments) for c in chunks if c.choices for p in c.choices[0].delta.tool_calls or ()]
+    assert pieces == [
+        (0, "call_a", "weather", ""), (0, None, None, '{"city"'), (0, None, None, ': "Paris"}'),
+        (1, "call_b", "time", ""), (1, None, None, "{}"),
+    ]
+    assert chunks[1].choices[0].delta.content == "Let me look."  # the text comes first
+    assert chunks[-2].choices[0].finish_reason == "tool_calls"
+    assert chunks[-1].usage.model_dump(exclude_none=True) == usage({"messages": MESSAGES}, 1 + 3)
+
+
+async def test_offered_tools_a_whole_answer_has_message_tool_calls() -> None:
+    with LoopbackUpstream(tokens=[], tool_calls=lambda body: CALLS[:1]) as up:
+        async with client(up) as api:
+            completion = await api.chat.completions.create(model="m", messages=MESSAGES, tools=TOOLS)
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert [(c.id, c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
+        ("call_a", "weather", '{"city": "Paris"}')
+    ]
+    assert completion.usage.completion_tokens == 2
+
+
+async def test_without_tools_offered_it_calls_none() -> None:
+    with LoopbackUpstream(tokens=TOKENS, tool_calls=CALLS) as up:
+        async with client(up) as api:
+            completion = await api.chat.completions.create(model="m", messages=MESSAGES)
+    assert completion.choices[0].message.tool_calls is None and completion.choices[0].finish_reason == "stop"
 
 
 async def test_max_tokens_truncate_and_tokens_may_depend_on_the_request() -> None:

@@ -6,8 +6,8 @@ import time
 import pytest
 from langchain_core.messages import HumanMessage, SystemMessage
 
-from openai_miner.testing.upstream import Fault, LoopbackUpstream
-from openai_miner.sources.base import UpstreamError
+from openai_miner.testing.upstream import Fault, LoopbackUpstream, ToolCall
+from openai_miner.sources.base import Sampling, ToolCallDelta, UpstreamError
 from openai_miner.sources.openai import OpenAISource, chat_openai
 from openai_miner.streaming import stream_answer
 from tests.helpers import Recorder, collector_paused, unfinished_http_generators
@@ -179,3 +179,24 @@ async def test_an_answer_ending_any_way_closes_its_whole_http_stream(fault: Faul
         await asyncio.sleep(0.1)  # what was let go is closed on this loop
         left = unfinished_http_generators()
     assert left == [], sorted(set(left))
+
+
+async def test_tool_calls_come_as_pieces_and_a_call_alone_is_an_answer() -> None:
+    tools = ({"type": "function", "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}}},)
+    with LoopbackUpstream(tokens=[], tool_calls=[ToolCall("weather", ['{"ci', 'ty": "Paris"}'], id="call_a")]) as up:
+        pieces: list = []
+
+        async def emit(batch) -> None:
+            pieces.extend(batch)
+
+        result = await stream_answer(
+            source(up), MESSAGES, emit, batch_size=1, deadline=time.monotonic() + 10, sampling=Sampling(tools=tools)
+        )
+        sent = up.requests[0].body
+    assert result.outcome == "complete" and result.tokens == 0 and result.finish_reason == "tool_calls"
+    assert pieces == [
+        ToolCallDelta(0, "call_a", "weather", ""),
+        ToolCallDelta(0, None, None, '{"ci'),
+        ToolCallDelta(0, None, None, 'ty": "Paris"}'),
+    ]
+    assert sent["tools"] == list(tools) and "tool_choice" not in sent

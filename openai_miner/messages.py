@@ -5,10 +5,12 @@ reason the validator can read. A tool conversation's turns (an assistant's ``too
 ``tool`` message's ``tool_call_id``) come as each message's ``extras``, OpenAI's names and shapes.
 """
 
+import json
 import math
 from typing import Any, Mapping, Sequence
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages.tool import invalid_tool_call, tool_call
 
 ROLES: dict[str, type[BaseMessage]] = {
     "system": SystemMessage,
@@ -70,6 +72,16 @@ def _tool_calls(value: Any, index: int) -> list[dict[str, Any]]:
     return value
 
 
+def _arguments(text: str) -> dict[str, Any] | None:
+    """A call's arguments as the JSON object they should be; ``None`` if they are not one (the
+    model wrote them: the conversation is still answerable)."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _id(value: Any) -> bool:
     return isinstance(value, str) and 0 < len(value) <= MAX_ID
 
@@ -84,8 +96,19 @@ def _message(kind: type[BaseMessage], content: str, extras: Mapping[str, Any], i
         if not _id(tool_call_id):
             raise InvalidPrompt(f"message {index} (tool) needs a tool_call_id of 1 to {MAX_ID} characters")
         return ToolMessage(content=content, tool_call_id=tool_call_id)
-    if calls is not None:  # LangChain reads OpenAI's shape from here, invalid arguments included
-        return AIMessage(content=content, additional_kwargs={"tool_calls": _tool_calls(calls, index)})
+    if calls is not None:
+        parsed = [(call, _arguments(call["function"]["arguments"])) for call in _tool_calls(calls, index)]
+        return AIMessage(
+            content=content,
+            tool_calls=[
+                tool_call(name=call["function"]["name"], args=args, id=call["id"]) for call, args in parsed if args is not None
+            ],
+            invalid_tool_calls=[  # sent on as the model wrote them
+                invalid_tool_call(name=call["function"]["name"], args=call["function"]["arguments"], id=call["id"])
+                for call, args in parsed
+                if args is None
+            ],
+        )
     if not content.strip():
         raise InvalidPrompt(f"message {index} ({role}) is empty")
     return kind(content=content)
@@ -127,8 +150,10 @@ def to_chat_messages(
             raise InvalidPrompt(
                 f"message {index} has unknown role {shown(role)}; expected one of {', '.join(ROLES)}"
             )
-        message = _message(kind, content, extras[index] if extras else {}, index, role.strip(SPACES).lower())
-        total += sum(len(call["function"]["arguments"]) for call in message.additional_kwargs.get("tool_calls", ()))
+        extra = extras[index] if extras else {}
+        message = _message(kind, content, extra, index, role.strip(SPACES).lower())
+        if isinstance(message, AIMessage) and extra.get("tool_calls"):  # checked by _message
+            total += sum(len(call["function"]["arguments"]) for call in extra["tool_calls"])
         if total > max_chars:
             raise InvalidPrompt(f"prompt of over {max_chars} characters with its tool calls' arguments")
         chat.append(message)

@@ -8,8 +8,11 @@ from typing import Any
 
 import bittensor as bt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 
+from openai_miner.fronts.http import parse_chat
 from openai_miner.messages import InvalidPrompt, to_chat_messages
 from openai_miner.miner import OpenAIMiner
 from openai_miner.sources.base import (
@@ -269,3 +272,39 @@ def test_tool_calls_arguments_count_toward_the_prompt_limit() -> None:
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "x" * 100}}
     with pytest.raises(InvalidPrompt, match="arguments"):
         to_chat_messages(["user", "assistant"], ["hi", ""], extras=[{}, {"tool_calls": [call]}], max_chars=50)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+ARGUMENT_TEXTS = st.sampled_from(["{}", '{"a": 1}', "1", "[1]", "null", '"s"', "NaN", "{", "[" * 5000])
+CALL_SHAPED = st.fixed_dictionaries(
+    {"id": JSON | st.text(max_size=8), "type": JSON | st.just("function")},
+    optional={"function": st.fixed_dictionaries({}, optional={"name": JSON | st.text(max_size=8), "arguments": JSON | st.text(max_size=12) | ARGUMENT_TEXTS})},
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tools=st.none() | JSON | st.lists(JSON, max_size=3), tool_choice=st.none() | JSON, stream_options=st.none() | JSON,
+    tool_calls=JSON | st.lists(CALL_SHAPED, max_size=2), tool_call_id=JSON, role=st.sampled_from(["assistant", "tool", "user"]),
+)
+def test_any_tool_fields_are_taken_or_refused_with_a_reason(tools, tool_choice, stream_options, tool_calls, tool_call_id, role) -> None:
+    """Never anything but :class:`InvalidPrompt` (a 400) from the parsing and the mapping: no 5xx."""
+    turn = {"role": role, "content": None, "tool_calls": tool_calls, "tool_call_id": tool_call_id}
+    body = {"messages": [*MESSAGES, turn], "tools": tools, "tool_choice": tool_choice, "stream_options": stream_options}
+    try:
+        asked = parse_chat(body)
+        to_chat_messages(asked.roles, asked.contents, extras=asked.extras)
+    except InvalidPrompt:
+        pass
+
+
+@pytest.mark.parametrize("arguments", ["1", "[1]", "null", '"s"', "NaN", "{", "[" * 5000, '{"city": "Paris"}'])
+def test_a_past_call_with_any_arguments_is_answerable(arguments: str) -> None:
+    """Arguments that are no JSON object (the model wrote them) made LangChain's message fail: a 500."""
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    [_, message] = to_chat_messages(["user", "assistant"], ["hi", ""], extras=[{}, {"tool_calls": [call]}])
+    assert len(message.tool_calls) + len(message.invalid_tool_calls) == 1

@@ -139,12 +139,15 @@ async def stream_answer(
     try:
         while True:
             item = await queue.get()
-            if isinstance(item, (str, Token, ToolCallDelta)):
+            if isinstance(item, (str, Token)):
                 buffer.append(item)
-                if isinstance(item, ToolCallDelta):
-                    called = True
-                else:
-                    tokens += 1
+                tokens += 1
+                if len(buffer) == batch_size:
+                    await flush()
+                continue
+            if isinstance(item, ToolCallDelta):  # sent like a token, not counted as one
+                buffer.append(item)
+                called = True
                 if len(buffer) == batch_size:
                     await flush()
                 continue

@@ -393,3 +393,14 @@ async def test_a_template_that_takes_tools_gets_them_and_the_tool_turns(
     assert prompt.startswith("system : fox </s> user : what is the capital of france ?")
     assert prompt.endswith("assistant : dog paris </s> [UNK] : lazy </s> assistant :")  # "tool": not a word it knows
     assert all(isinstance(item, str) for item in list(queue._queue)[:-1])  # the answer stays text
+
+
+async def test_tools_the_template_cannot_render_are_left_out(tiny_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    local = source(tiny_model, max_new_tokens=3)
+    loaded = local.load()
+    loaded.tokenizer.chat_template = TOOLS_TEMPLATE
+    prompts = spy_prompts(local, monkeypatch)
+    queue: asyncio.Queue = asyncio.Queue()
+    await local.produce(QUESTION, queue, time.monotonic() + 30, Sampling(tools=({"type": "function"},)))
+    assert loaded.tokenizer.decode(prompts[0]).startswith("user : what is the capital of france ?")
+    assert queue.qsize() > 1  # answered, in text

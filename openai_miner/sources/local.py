@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import bittensor as bt
+import jinja2
 import torch
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, StoppingCriteria, StoppingCriteriaList
@@ -436,14 +437,14 @@ class LocalSource:
         return self._slots[1]
 
     def _prompt(self, loaded: LoadedModel, chat: list[dict[str, Any]], plan: _Plan) -> list[int]:
-        # Control tokens typed by the validator stay text: only the template writes real ones.
-        ids = loaded.tokenizer.apply_chat_template(
-            chat,
-            tools=list(plan.tools) or None,
-            add_generation_prompt=True,
-            sanitize_control_tokens=True,
-            return_dict=True,
-        )["input_ids"]
+        try:
+            ids = _templated(loaded, chat, plan.tools)
+        except jinja2.TemplateError as error:
+            if not plan.tools:
+                raise
+            # The fronts check only that tools are objects: ones this template cannot render are left out.
+            bt.logging.debug(f"the local model's chat template cannot render these tools ({error}); answering without")
+            ids = _templated(loaded, chat, ())
         room = self._prompt_room(loaded)
         if room is not None and len(ids) > room:
             bt.logging.info(
@@ -700,6 +701,17 @@ def _role(message: BaseMessage) -> str:
         if isinstance(message, kind):
             return role
     raise UpstreamError(f"a local model cannot be sent a {type(message).__name__}")
+
+
+def _templated(loaded: LoadedModel, chat: list[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> list[int]:
+    # Control tokens typed by the validator stay text: only the template writes real ones.
+    return loaded.tokenizer.apply_chat_template(
+        chat,
+        tools=list(tools) or None,
+        add_generation_prompt=True,
+        sanitize_control_tokens=True,
+        return_dict=True,
+    )["input_ids"]
 
 
 def takes_tools(tokenizer: Any) -> bool:

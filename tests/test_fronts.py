@@ -176,6 +176,12 @@ def test_an_entry_point_that_is_no_front_is_a_config_error(registered) -> None:
         OpenAIMiner.config([], env={})
 
 
+def test_an_entry_point_that_cannot_load_is_a_config_error(registered) -> None:
+    registered("tests.no_such_module:Front")
+    with pytest.raises(ConfigError, match="cannot load the front front = tests.no_such_module:Front"):
+        OpenAIMiner.config([], env={})
+
+
 def test_two_fronts_of_one_name_are_a_config_error(registered, monkeypatch) -> None:
     monkeypatch.setattr(EchoFront, "name", "http")
     registered("tests.test_fronts:EchoFront")

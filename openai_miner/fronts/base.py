@@ -122,7 +122,10 @@ def discover() -> tuple[type[Front], ...]:
     """The built-in fronts, then those registered under :data:`GROUP`; names must be unique."""
     found: list[type[Front]] = list(built_in())
     for point in entry_points(group=GROUP):
-        front = point.load()
+        try:
+            front = point.load()
+        except (ImportError, AttributeError) as error:  # a broken install: say which, not a traceback
+            raise ConfigError(f"cannot load the front {point.name} = {point.value} ({GROUP}): {error}") from error
         if not (isinstance(front, type) and issubclass(front, Front)):
             raise ConfigError(f"entry point {point.name} = {point.value} ({GROUP}) is not a Front class")
         found.append(front)

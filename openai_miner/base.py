@@ -308,10 +308,13 @@ class Miner(abc.ABC):
     def summary(self) -> str:
         """Every served front with its address, the advertised one marked with what the chain publishes."""
         ip, port = self.published
-        return ", ".join(
+        served = ", ".join(
             front.summary() + (f" (advertised: {ip}:{port})" if front is self.advertised else "")
             for front in self.fronts
         )
+        if self.places < self.config.neuron.max_connections:  # the open-file limit bounds the places
+            served += f" | {self.places} connections per front (open-file limit low: raise `ulimit -n`)"
+        return served
 
     def run(self) -> None:
         """Serve until :meth:`stop_run_thread`, Ctrl-C or an exit request; refresh the registry."""

@@ -252,6 +252,17 @@ def test_the_summary_lists_every_front_served_and_marks_the_advertised(serve_min
     assert "axon" not in cli.summary(alone)  # a front not served is not in the line
 
 
+def test_the_summary_says_when_the_open_file_limit_bounds_the_connections(serve_miner, monkeypatch) -> None:
+    from openai_miner import base
+
+    monkeypatch.setattr(base, "raise_file_limit", lambda: 456)  # a hard limit that stays low
+    miner = serve_miner("--axon.off", "--http.port", str(free_port()), source=FakeSource(WORDS))
+    assert miner.places == 100
+    assert "| 100 connections per front (open-file limit low: raise `ulimit -n`) |" in cli.summary(miner)
+    roomy = serve_miner("--axon.off", "--http.port", str(free_port()), "--neuron.max_connections", "100", source=FakeSource(WORDS))
+    assert "open-file limit" not in cli.summary(roomy)  # the limit allows what was asked
+
+
 # -- configurations that cannot serve ----------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ from openai_miner.testing.fake_source import FakeSource
 from openai_miner.testing.localnet import free_port
 from openai_miner.testing.upstream import LoopbackUpstream, ToolCall
 from openai_miner.testing.validator import ask, ask_http, openai_client, signing_client
-from tests.test_loosh_front import CHALLENGE, miner  # noqa: F401  (the SN78 front's fixture)
+from tests.sn78 import CHALLENGE, miner  # noqa: F401  (the SN78 front's fixture)
 
 TOOLS = [{
     "type": "function",

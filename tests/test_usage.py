@@ -16,7 +16,7 @@ from openai_miner.testing.localnet import free_port
 from openai_miner.testing.upstream import LoopbackUpstream, usage
 from openai_miner.testing.validator import openai_client
 from tests.helpers import local_source
-from tests.test_loosh_front import CHALLENGE, miner  # noqa: F401  (the SN78 front's fixture)
+from tests.sn78 import CHALLENGE, miner  # noqa: F401  (the SN78 front's fixture)
 
 WORDS = [f"w{i} " for i in range(6)]
 MESSAGES = [{"role": "user", "content": "how many words are in this prompt"}]

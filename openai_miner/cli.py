@@ -17,17 +17,23 @@ Start-up fails loudly, with the reason and the fix, before serving anything. Exi
 - 130: interrupted before the miner started serving, e.g. while loading the local model.
 
 ``openai-miner demo`` uses the same codes, with 1 also meaning that a validator got no answer.
+
+The miner's modules (bittensor, uvicorn, LangChain: seconds to import on a small machine) load
+inside :func:`main`, so that ``openai-miner --version`` answers at once.
 """
+
+from __future__ import annotations
 
 import gc
 import signal
 import sys
 from types import FrameType
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from openai_miner.config import ConfigError
-from openai_miner.miner import OpenAIMiner
-from openai_miner.startup import StartupError
+from openai_miner import __version__
+
+if TYPE_CHECKING:
+    from openai_miner.miner import OpenAIMiner
 
 EPILOG = 'Try it first with no chain, no wallet and no key: openai-miner demo "your prompt".'
 INTERRUPTED = 130
@@ -35,6 +41,9 @@ INTERRUPTED = 130
 
 def exit_code(error: BaseException) -> tuple[int, str]:
     """The documented exit code of a start-up failure, and what to print for it."""
+    from openai_miner.config import ConfigError
+    from openai_miner.startup import StartupError
+
     if isinstance(error, KeyboardInterrupt):
         return INTERRUPTED, "interrupted"
     if isinstance(error, ConfigError):
@@ -90,10 +99,17 @@ class Signals:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["--version"]:  # what the parser's own --version prints, without importing the miner
+        print(f"openai-miner {__version__}")
+        return 0
     if args[:1] == ["demo"]:
         from openai_miner import demo
 
         return demo.main(args[1:])
+    from openai_miner.config import ConfigError
+    from openai_miner.miner import OpenAIMiner
+    from openai_miner.startup import StartupError
+
     signals = Signals()
     own_signals = argv is None  # only the real command owns the process's signals
     if own_signals:

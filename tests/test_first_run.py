@@ -122,11 +122,45 @@ def test_a_bad_flag_prints_one_usage_line_and_the_error(tmp_path: Path) -> None:
     assert "unrecognized arguments: --openai.modle_name" in done.stderr and "--help" in done.stderr
 
 
-def test_version(tmp_path: Path) -> None:
+@pytest.mark.parametrize("argv", [["--version"], ["--mock", "--version"]])  # the short way, the parser's way
+def test_version(tmp_path: Path, argv: list[str]) -> None:
     from openai_miner import __version__
 
-    done, _ = run_miner(tmp_path, "--version")
+    done, _ = run_miner(tmp_path, *argv)
     assert done.returncode == 0 and done.stdout.strip() == f"openai-miner {__version__}"
+
+
+HEAVY = ("bittensor", "langchain_core", "langchain_openai", "openai", "torch", "transformers", "uvicorn")
+"""Seconds of imports on a 2-core machine: ``openai-miner --version`` needs none of them."""
+
+
+def test_the_version_and_the_package_import_nothing_heavy() -> None:
+    # a regression test that times nothing: what --version (and `import openai_miner`) load
+    probe = (
+        "import contextlib, io, sys, openai_miner, openai_miner.cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "    code = openai_miner.cli.main(['--version'])\n"
+        f"print(code, out.getvalue().strip(), sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    from openai_miner import __version__
+
+    assert done.stdout.strip() == f"0 openai-miner {__version__} []", done.stdout + done.stderr
+
+
+def test_the_package_names_load_on_first_use() -> None:
+    import openai_miner
+    from openai_miner.base import Miner
+    from openai_miner.miner import OpenAIMiner
+    from openai_miner.protocol import StreamPromptingSynapse
+    from openai_miner.sources.base import TokenSource
+
+    assert [getattr(openai_miner, name) for name in openai_miner.__all__] == [
+        Miner, OpenAIMiner, StreamPromptingSynapse, TokenSource
+    ]
+    assert set(openai_miner.__all__) <= set(dir(openai_miner))
+    with pytest.raises(AttributeError, match="no attribute 'Minr'"):
+        openai_miner.Minr
 
 
 def test_without_the_default_models_package_the_fix_is_named_at_once(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -51,6 +51,7 @@ from bench.validators import prompt
 from openai_miner.fronts.loosh import OAEP
 from openai_miner.testing.localnet import OPEN_TO_ALL, free_port
 from openai_miner.testing.loosh import LooshValidator
+from openai_miner.testing.validator import sse_event
 
 KINDS = ("front", "reference")
 MODEL = "loopback"
@@ -114,9 +115,8 @@ def reference_app(upstream: str, model: str = MODEL) -> Starlette:
         parts, finish = [], "stop"
         async with client.stream("POST", "chat/completions", json=body) as streamed:
             async for line in streamed.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                for choice in json.loads(line[6:]).get("choices", []):
+                event = sse_event(line)
+                for choice in (event or {}).get("choices", []):
                     parts.append(choice.get("delta", {}).get("content") or "")
                     finish = choice.get("finish_reason") or finish
         tokens = sum(1 for part in parts if part)

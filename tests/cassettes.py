@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from openai_miner.testing.validator import sse_events
+
 CASSETTES = Path(__file__).resolve().parent.parent / "cassettes"
 SECRET_HEADERS = ["authorization", "api-key", "openai-organization", "openai-project", "cookie"]
 SCRUBBED_RESPONSE_HEADERS = {"set-cookie", "openai-organization", "openai-project", "x-request-id"}
@@ -35,10 +37,8 @@ def scrub_response(response: dict[str, Any]) -> dict[str, Any]:
 
 def streamed_text(sse_body: bytes | str) -> str:
     """The answer text of a recorded stream, read from its SSE body independently of the miner."""
-    body = sse_body.decode("utf-8") if isinstance(sse_body, bytes) else sse_body
-    text = []
-    for line in body.splitlines():
-        if line.startswith("data: ") and line != "data: [DONE]":
-            for choice in json.loads(line[len("data: "):]).get("choices", []):
-                text.append(choice.get("delta", {}).get("content") or "")
-    return "".join(text)
+    return "".join(
+        choice.get("delta", {}).get("content") or ""
+        for event in sse_events(sse_body)
+        for choice in event.get("choices", [])
+    )

@@ -1,11 +1,13 @@
 """One validator client, for either front: a real ``bt.Dendrite`` asking for a streamed answer,
 timed chunk by chunk (:func:`ask`), the same over the HTTP front with a signing httpx client
-(:func:`ask_http`), or the openai SDK signing its HTTP requests (:func:`openai_client`)."""
+(:func:`ask_http`), or the openai SDK signing its HTTP requests (:func:`openai_client`).
+:func:`sse_event` reads OpenAI's streams wherever they come from (the HTTP front, an upstream,
+a recorded cassette)."""
 
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import aiohttp
 import bittensor as bt
@@ -57,6 +59,25 @@ def _status(synapse: StreamPromptingSynapse) -> int | None:
         return int(synapse.dendrite.status_code)  # type: ignore[union-attr, arg-type]
     except (AttributeError, TypeError, ValueError):
         return None
+
+
+def sse_event(line: str) -> dict[str, Any] | None:
+    """The JSON event of one line of an OpenAI-style SSE stream; ``None`` for any other line
+    (blank, comment, ``event:``...) and for the closing ``data: [DONE]``. OpenAI sends each event
+    on one ``data:`` line, which is all a chat stream needs of the SSE format."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    return None if data == "[DONE]" else json.loads(data)
+
+
+def sse_events(body: str | bytes) -> Iterator[dict[str, Any]]:
+    """The JSON events of a whole SSE body (a recorded stream), in order."""
+    text = body.decode("utf-8") if isinstance(body, bytes) else body
+    for line in text.splitlines():
+        event = sse_event(line)
+        if event is not None:
+            yield event
 
 
 async def ask(
@@ -113,9 +134,9 @@ async def ask_http(
         ) as response:
             answer.status = response.status_code
             async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+                event = sse_event(line)
+                if event is None:
                     continue
-                event = json.loads(line[6:])
                 answer.usage = event.get("usage") or answer.usage
                 choices = event.get("choices") or [{}]
                 delta = choices[0].get("delta") or {}

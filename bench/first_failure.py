@@ -13,8 +13,6 @@ from the miner's start to its summary line (when it serves).
 
 import argparse
 import asyncio
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,39 +21,31 @@ from typing import Any, Sequence
 
 import bittensor as bt
 
-from bench import procstat
 from bench.record import Started, header, save
 from bench.stats import median
 from bench.validators import Validators
 from openai_miner.testing.localnet import OPEN_TO_ALL, axon_info, free_port, miner_argv
+from openai_miner.testing.process import MinerProcess, miner_env
 from openai_miner.testing.upstream import Fault, LoopbackUpstream
 
 MODES = {"preloaded": [], "lazy": ["--no-fallback.preload"]}
-READY = "openai-miner |"  # the summary line: the miner serves from here on
 LOADING = "requests that need it wait for it"  # LocalSource's once-per-load warning
 
 
 def start_miner(
-    workdir: Path, upstream: str, model: str | None, flags: list[str], access: Sequence[str] = OPEN_TO_ALL
-) -> tuple["subprocess.Popen[str]", int]:
-    """The installed ``openai-miner`` command, as a user runs it, with a (fake) key set; and its port.
+    workdir: Path, upstream: str, model: str | None, flags: list[str], access: Sequence[str] = OPEN_TO_ALL,
+    *, start_timeout: float = 300.0,
+) -> MinerProcess:
+    """The installed ``openai-miner`` command, as a user runs it, with a (fake) key set, its output in
+    ``workdir/miner.log``; it serves once entered (``with``). Its axon port: ``ports["axon"]``.
 
     ``access``: who may ask (by default any hotkey, since the benchmark's validators are on no chain)."""
-    installed = Path(sys.executable).with_name("openai-miner")
-    # Where the package is on PYTHONPATH but not installed (the GPU check), the same CLI as a module.
-    command = [str(installed)] if installed.exists() else [sys.executable, "-m", "openai_miner.cli"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "BT_"))}
-    env.update(HOME=str(workdir), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OPENAI_API_KEY="sk-bench-not-a-key")
-    port = free_port()
-    argv = [
-        *command,
-        *miner_argv(
-            workdir / "wallets", port, "--openai.base_url", upstream, *access,
-            *(["--fallback.model", model] if model else []), *flags,
-        ),
-    ]
-    with (workdir / "miner.log").open("w") as log:  # the child keeps its own copy of the file
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env, text=True), port
+    argv = miner_argv(
+        workdir / "wallets", free_port(), "--openai.base_url", upstream, *access,
+        *(["--fallback.model", model] if model else []), *flags,
+    )
+    env = miner_env(workdir, OPENAI_API_KEY="sk-bench-not-a-key")
+    return MinerProcess(argv, env=env, cwd=workdir, log_file=workdir / "miner.log", start_timeout=start_timeout)
 
 
 def add_miner_args(parser: argparse.ArgumentParser) -> None:
@@ -64,16 +54,6 @@ def add_miner_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="--fallback.model (default: the miner's own)")
     parser.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a miner to start serving")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output directory")
-
-
-def wait_ready(process: "subprocess.Popen[str]", log: Path, timeout: float) -> None:
-    """Return once the miner prints its summary line (it serves); raise with its log's tail if it never does."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and process.poll() is None:
-        if any(line.startswith(READY) for line in log.read_text().splitlines()):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"the miner did not serve within {timeout:g}s:\n{log.read_text()[-3000:]}")
 
 
 async def ask_at_once(validators: Validators, axon: object, count: int, question: str, timeout: float) -> list[dict[str, Any]]:
@@ -96,12 +76,10 @@ def run_once(mode: str, args: argparse.Namespace, upstream: str) -> dict[str, An
     with tempfile.TemporaryDirectory(prefix="openai-miner-first-failure-") as tmp:
         workdir = Path(tmp)
         started = time.monotonic()
-        process, port = start_miner(workdir, upstream, args.model, MODES[mode])
-        try:
-            wait_ready(process, workdir / "miner.log", args.start_timeout)
+        with start_miner(workdir, upstream, args.model, MODES[mode], start_timeout=args.start_timeout) as miner:
             ready_s = time.monotonic() - started
             wallet = bt.Wallet(name="miner", hotkey="default", path=str(workdir / "wallets"))
-            axon = axon_info(port, wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address)
+            axon = axon_info(miner.ports["axon"], wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address)
 
             async def ask() -> list[dict[str, Any]]:
                 validators = Validators()
@@ -111,8 +89,6 @@ def run_once(mode: str, args: argparse.Namespace, upstream: str) -> dict[str, An
                     await validators.close()
 
             streams = asyncio.run(ask())
-        finally:
-            procstat.stop(process)
         return {"ready_s": round(ready_s, 3), "streams": streams, "load_logged": (workdir / "miner.log").read_text().count(LOADING)}
 
 

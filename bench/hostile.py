@@ -47,7 +47,7 @@ import bittensor as bt
 import httpx
 
 from bench import procstat
-from bench.first_failure import add_miner_args, start_miner, wait_ready
+from bench.first_failure import add_miner_args, start_miner
 from bench.record import Started, header, save
 from bench.stats import first_chunk_s, median
 from bench.validators import Validators, keypair, prompt
@@ -307,9 +307,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         prefix="openai-miner-hostile-"
     ) as tmp:
         workdir = Path(tmp)
-        process, port = start_miner(workdir, upstream.base_url, args.model, flags, access)
+        miner = start_miner(workdir, upstream.base_url, args.model, flags, access, start_timeout=args.start_timeout)
         try:
-            wait_ready(process, workdir / "miner.log", args.start_timeout)
+            miner.start().wait_serving()
+            port = miner.ports["axon"]
             loaded(workdir / "miner.log", args.start_timeout)
             wallet = bt.Wallet(name="miner", hotkey="default", path=str(workdir / "wallets"))
             hotkey, coldkey = wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address
@@ -327,12 +328,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if not await asyncio.to_thread(ready.wait, 120):  # a fresh process: imports take seconds
                         raise RuntimeError(f"the {kind} attack did not start")
                     await asyncio.sleep(args.ramp)  # the attack is under way before anyone asks
-                cpu, started = procstat.cpu_seconds(process.pid), time.monotonic()
+                cpu, started = procstat.cpu_seconds(miner.pid), time.monotonic()
                 try:
                     case = figures(await ask_in_turn(askers, axon, http_port, args.asks, args.timeout), upstreams)
                 finally:
                     await askers.close()
-                case["miner_cpu_s"] = round(procstat.cpu_seconds(process.pid) - cpu, 2)
+                case["miner_cpu_s"] = round(procstat.cpu_seconds(miner.pid) - cpu, 2)
                 if attacker is not None:
                     await asyncio.sleep(max(0.0, args.hold - args.ramp - (time.monotonic() - started)))
                     stop.set()
@@ -380,7 +381,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             asyncio.run(everything())
         finally:
-            procstat.stop(process)
+            miner.stop()
     quiet = cases["quiet"]["by_front"]
     for case in (cases[kind] for kind in ("quiet", *ATTACKS)):
         case["p50_over_quiet"] = {

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import bittensor as bt
 
 from bench import procstat
-from bench.first_failure import add_miner_args, start_miner, wait_ready
+from bench.first_failure import add_miner_args, start_miner
 from bench.record import Started, header, save
 from bench.stats import first_chunk_s
 from bench.validators import Validators
@@ -99,12 +99,10 @@ def run_miner(threads: int, args: argparse.Namespace, upstream: LoopbackUpstream
             *(["--fallback.device", args.device] if args.device else []),
             *(["--neuron.streaming_batch_size", str(args.batch_size)] if args.batch_size else []),
         ]
-        process, port = start_miner(workdir, upstream.base_url, args.model, flags)
         results: dict[str, Any] = {}
-        try:
-            wait_ready(process, workdir / "miner.log", args.start_timeout)
+        with start_miner(workdir, upstream.base_url, args.model, flags, start_timeout=args.start_timeout) as miner:
             wallet = bt.Wallet(name="miner", hotkey="default", path=str(workdir / "wallets"))
-            axon = axon_info(port, wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address)
+            axon = axon_info(miner.ports["axon"], wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address)
 
             async def everything() -> None:
                 warm = Validators()  # a fresh process's first answers are slower: not measured
@@ -114,16 +112,16 @@ def run_miner(threads: int, args: argparse.Namespace, upstream: LoopbackUpstream
                     hog = subprocess.Popen(BUSY_LOOP) if load != "quiet" else None
                     try:
                         for name in CASES:
-                            results[f"{name}, {load}"] = figures = await case(name, upstream, axon, process.pid, args)
+                            results[f"{name}, {load}"] = figures = await case(name, upstream, axon, miner.pid, args)
                             print(f"  threads {threads or 'auto'}: {name}, {load}: {brief(figures)}", file=sys.stderr, flush=True)
                     finally:
                         if hog is not None:
                             procstat.stop(hog)
 
-            asyncio.run(everything())
-        finally:
-            upstream.fault = None
-            procstat.stop(process)
+            try:
+                asyncio.run(everything())
+            finally:
+                upstream.fault = None
     return results
 
 

@@ -23,9 +23,8 @@ from typing import Any, Sequence
 
 import bittensor as bt
 
-from bench import procstat
 from bench.record import Started, header, save
-from bench.first_failure import add_miner_args, start_miner, wait_ready
+from bench.first_failure import add_miner_args, start_miner
 from bench.stats import first_chunk_s
 from bench.validators import Validators
 from openai_miner.testing.localnet import axon_info
@@ -48,13 +47,13 @@ def run_mode(mode: str, args: argparse.Namespace, upstream: str) -> dict[str, An
     with tempfile.TemporaryDirectory(prefix="openai-miner-outage-") as tmp:
         workdir = Path(tmp)
         flags = ["--logging.debug", *MODES[mode], *(["--fallback.device", args.device] if args.device else [])]
-        process, port = start_miner(workdir, upstream, args.model, flags)
+        miner = start_miner(workdir, upstream, args.model, flags, start_timeout=args.start_timeout)
         log = workdir / "miner.log"
         cases: dict[str, Any] = {}
         try:
-            wait_ready(process, log, args.start_timeout)
+            miner.start().wait_serving()
             wallet = bt.Wallet(name="miner", hotkey="default", path=str(workdir / "wallets"))
-            axon = axon_info(port, wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address)
+            axon = axon_info(miner.ports["axon"], wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address)
 
             async def everything() -> None:
                 validators = Validators()
@@ -86,7 +85,7 @@ def run_mode(mode: str, args: argparse.Namespace, upstream: str) -> dict[str, An
 
             asyncio.run(everything())
         finally:
-            procstat.stop(process)
+            miner.stop()
     return cases
 
 

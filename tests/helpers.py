@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from openai_miner.fronts.axon import body_chunks
 from openai_miner.streaming import Emit
+from openai_miner.testing.process import miner_env
 
 if TYPE_CHECKING:
     from openai_miner.sources.local import LocalSource
@@ -64,9 +65,7 @@ def local_source(model: str, **kwargs: Any) -> "LocalSource":
 
 def cli_env(tmp_path: Path) -> dict[str, str]:
     """The environment of a real ``openai-miner`` process in a test: its own HOME, nothing of ours."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "BT_", "AXON_", "WALLET_"))}
-    env.update(HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return env
+    return miner_env(tmp_path / "home")
 
 
 def far() -> float:

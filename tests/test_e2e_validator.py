@@ -6,8 +6,6 @@ documented code and a message saying why and what to do, before serving anything
 """
 
 import asyncio
-import select
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +24,7 @@ from openai_miner.miner import OpenAIMiner
 from openai_miner.startup import NotRegistered
 from openai_miner.protocol import StreamPromptingSynapse
 from openai_miner.testing.localnet import NETUID, free_port, make_wallet, miner_argv
+from openai_miner.testing.process import MinerProcess
 from openai_miner.testing.validator import Answer, ask
 from openai_miner.testing.fake_source import FakeSource
 from tests.helpers import cli_env
@@ -197,39 +196,18 @@ async def test_malformed_synapse_gets_400_while_other_streams_continue(serve_min
 # -- the real console command ----------------------------------------------------------------------
 
 
-def read_line_with(process: subprocess.Popen, marker: str, timeout: float) -> str:
-    """Read stdout until a line containing ``marker``; fail with what was seen otherwise."""
-    seen = []
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        ready, _, _ = select.select([process.stdout], [], [], 0.1)
-        if ready:
-            line = process.stdout.readline()
-            if not line and process.poll() is not None:
-                break
-            seen.append(line)
-            if marker in line:
-                return line
-        elif process.poll() is not None:
-            break
-    process.kill()
-    raise AssertionError(f"no {marker!r} line; stdout: {''.join(seen)!r}; stderr: {process.stderr.read()!r}")
-
-
 async def test_console_command_serves_a_dendrite_and_stops_cleanly_on_sigint(tmp_path, wallets, upstream) -> None:
     port = free_port()
     wallet_path = tmp_path / "cli-wallets"
-    process = subprocess.Popen(
-        [
-            MINER_CLI, "--mock", "--openai.base_url", upstream.base_url, "--fallback.off",
-            "--wallet.path", str(wallet_path), "--wallet.name", "miner", "--wallet.hotkey", "default",
-            "--axon.port", str(port), "--neuron.streaming_batch_size", "6",
-            "--blacklist.allow_non_registered", "true", "--blacklist.force_validator_permit", "false",
-        ],
-        cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        line = read_line_with(process, "openai-miner |", timeout=30)
+    argv = [
+        "--mock", "--openai.base_url", upstream.base_url, "--fallback.off",
+        "--wallet.path", str(wallet_path), "--wallet.name", "miner", "--wallet.hotkey", "default",
+        "--axon.port", str(port), "--neuron.streaming_batch_size", "6",
+        "--blacklist.allow_non_registered", "true", "--blacklist.force_validator_permit", "false",
+    ]
+    miner = MinerProcess(argv, env=cli_env(tmp_path), cwd=tmp_path, start_timeout=30)
+    with miner:
+        line = miner.summary
         assert f":{port}" in line and "network mock" in line and "batch 6 tokens" in line
         miner_wallet = bt.Wallet(name="miner", hotkey="default", path=str(wallet_path))
         axon = bt.AxonInfo(
@@ -245,13 +223,8 @@ async def test_console_command_serves_a_dendrite_and_stops_cleanly_on_sigint(tmp
         final = items[-1]
         assert isinstance(final, StreamPromptingSynapse) and final.dendrite.status_code == 200
         assert "".join(items[:-1]) == TEXT == final.completion
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=10) == 0, process.stderr.read()
+        assert miner.stop(grace=10) == 0, miner.log
         assert port_is_free(port)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 # -- start-up that tells the truth (exit codes of cli.py) ------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 
 from openai_miner import cli
 from openai_miner.testing.localnet import free_port, miner_argv
+from openai_miner.testing.process import MinerProcess
 from tests.helpers import cli_env
 
 MINER_CLI = str(Path(sys.executable).with_name("openai-miner"))
@@ -28,23 +29,12 @@ def run_miner(tmp_path: Path, *argv: str, timeout: float = 60) -> tuple[subproce
 def serve_then_stop(tmp_path: Path, *argv: str, stop: signal.Signals = signal.SIGTERM) -> tuple[int, str]:
     """Start the real command, send it ``stop`` right on its summary line (the moment a stop once
     hung); its exit code within 20 s and all it printed."""
-    process = subprocess.Popen(
-        [MINER_CLI, "--mock", "--axon.port", str(free_port()), *argv],
-        cwd=tmp_path, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    printed = []
+    miner = MinerProcess(["--mock", "--axon.port", str(free_port()), *argv], env=cli_env(tmp_path), cwd=tmp_path)
     try:
-        for line in process.stdout:
-            printed.append(line)
-            if line.startswith("openai-miner |"):
-                break
-        process.send_signal(stop)
-        code = process.wait(timeout=20)
+        miner.start().wait_serving(timeout=120)  # a local model loads first
     finally:
-        if process.poll() is None:
-            process.kill()
-    # the log's thread may write after the summary line: read to the end
-    return code, "".join(printed) + process.stdout.read() + process.stderr.read()
+        code = miner.stop(grace=20, signum=stop)
+    return code, miner.log
 
 
 def test_a_mock_run_leaves_the_users_wallets_alone_and_writes_no_coldkey(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 bittensor asks the internet for this machine's public IP when a dendrite or axon starts;
 :func:`offline_ip` answers that locally. The mock chain's state is process-global
-(``bt.MockSubtensor``): :func:`register_validator` puts a hotkey on it with a permit and stake.
+(``bt.MockSubtensor``): :func:`mock_chain` starts it afresh, :func:`register_validator` puts a
+hotkey on it with a permit and stake.
 """
 
 import contextlib
@@ -14,7 +15,7 @@ import bittensor as bt
 import bittensor.utils.networking as networking
 from bittensor.core.chain_data import AxonInfo
 
-from openai_miner.chain import register_mock_neuron
+from openai_miner.chain import mock_subtensor, register_mock_neuron
 from openai_miner.startup import make_keys
 
 NETUID = 1
@@ -44,6 +45,13 @@ def offline_ip(ip: str = "127.0.0.1") -> Iterator[None]:
 def make_wallet(path: str | Path, name: str) -> bt.Wallet:
     """A throwaway wallet under ``path``: its hotkey and coldkeypub, made if missing, no coldkey."""
     return make_keys(bt.Wallet(name=name, hotkey="default", path=str(path)))
+
+
+def mock_chain(netuid: int = NETUID) -> bt.MockSubtensor:
+    """A fresh mock chain with subnet ``netuid``: its state is process-global, so this clears
+    what an earlier miner or test left on it."""
+    bt.MockSubtensor.reset()
+    return mock_subtensor(netuid)
 
 
 def register_validator(

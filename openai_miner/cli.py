@@ -65,8 +65,7 @@ def summary(miner: OpenAIMiner) -> str:
 
 def stopped(miner: OpenAIMiner) -> str:
     stats = miner.core.stats
-    answers = sum(count for outcome, count in stats.items() if outcome != "tokens")
-    return f"openai-miner: stopped after {answers} answers ({stats['tokens']} tokens)"
+    return f"openai-miner: stopped after {stats.answers.total()} answers ({stats.tokens} tokens)"
 
 
 class Signals:

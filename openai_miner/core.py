@@ -10,17 +10,16 @@ system prompts, the deadline rule and the prompt size limit.
 import argparse
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import bittensor as bt
-from langchain_core.messages import BaseMessage
 
 from openai_miner.access import Access
 from openai_miner.config import add_bool, at_least
-from openai_miner.messages import InvalidPrompt, to_chat_messages
+from openai_miner.messages import InvalidPrompt, Message, to_chat_messages
 from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling, TokenSource
-from openai_miner.streaming import Emit, StreamResult, stream_answer, stream_deadline
+from openai_miner.streaming import Emit, Outcome, StreamResult, stream_answer, stream_deadline
 from openai_miner.system_prompts import SystemPrompts
 
 
@@ -61,11 +60,48 @@ class Refused(Exception):
 class Question:
     """One request as the core sees it, whatever its wire format."""
 
-    messages: Sequence[BaseMessage]
+    messages: Sequence[Message]
     deadline: float  # time.monotonic()
     hotkey: str | None = None
     sampling: Sampling = DEFAULT_SAMPLING
     batch_size: int | None = None  # tokens per emitted batch; None: the miner's --neuron.streaming_batch_size
+
+
+@dataclass
+class Stats:
+    """The answers a core gave, by the source that answered and how each ended, and the tokens sent.
+
+    By source as well as outcome: after an outage, which model answered is the first question.
+    """
+
+    answers: Counter[tuple[str, Outcome]] = field(default_factory=Counter)
+    tokens: int = 0
+
+    def count(self, result: StreamResult) -> None:
+        self.answers[result.source, result.outcome] += 1
+        self.tokens += result.tokens
+
+    def by_outcome(self) -> Counter[str]:
+        """Answers by outcome (``"complete"``, ``"deadline"``...), whichever source gave them."""
+        counts: Counter[str] = Counter()
+        for (_, outcome), count in self.answers.items():
+            counts[outcome] += count
+        return counts
+
+    def by_source(self, outcome: Outcome | None = None) -> Counter[str]:
+        """Answers by source, of one ``outcome`` or of all."""
+        counts: Counter[str] = Counter()
+        for (source, ended), count in self.answers.items():
+            if outcome is None or ended == outcome:
+                counts[source] += count
+        return counts
+
+    def as_json(self) -> dict[str, Any]:
+        """What ``/health`` reports: answers by outcome, by source and outcome, tokens in all."""
+        by_source: dict[str, dict[str, int]] = {}
+        for (source, outcome), count in self.answers.items():
+            by_source.setdefault(source, {})[outcome] = count
+        return {**self.by_outcome(), "tokens": self.tokens, "by_source": by_source}
 
 
 class Core:
@@ -91,7 +127,7 @@ class Core:
         self.max_prompt_chars = max_prompt_chars
         self.max_messages = max_messages
         self.on_failure = on_failure
-        self.stats: Counter[str] = Counter()  # answers by outcome, and "tokens" sent in all
+        self.stats = Stats()
 
     @classmethod
     def from_config(
@@ -120,7 +156,7 @@ class Core:
         *,
         templated: bool = True,
         extras: Sequence[Mapping[str, Any]] = (),
-    ) -> list[BaseMessage]:
+    ) -> list[Message]:
         """Chat messages under the task's system prompt (none when not ``templated``); ``extras``:
         each message's tool-conversation fields (see :func:`~openai_miner.messages.to_chat_messages`).
 
@@ -185,10 +221,9 @@ class Core:
 
     def report(self, result: StreamResult, hotkey: str | None) -> None:
         """One log line per answer; an error is a warning, and may stop the miner if configured."""
-        self.stats[result.outcome] += 1
-        self.stats["tokens"] += result.tokens
+        self.stats.count(result)
         who = hotkey[:10] if hotkey else "local"
-        line = f"{who}: {result.tokens} tokens in {result.sends} chunks via {self.source.name} ({result.outcome})"
+        line = f"{who}: {result.tokens} tokens in {result.sends} chunks via {result.source} ({result.outcome})"
         if result.outcome == "deadline" and result.tokens == 0:
             bt.logging.warning(f"{line}: nothing arrived from the model before the deadline")
             return

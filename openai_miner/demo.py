@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import Counter
 from datetime import datetime, timezone
-from typing import Sequence, TextIO
+from typing import Mapping, Sequence, TextIO
 
 import bittensor as bt
 import httpx
@@ -37,7 +37,7 @@ import httpx
 from openai_miner.cli import INTERRUPTED, exit_code
 from openai_miner.config import ConfigError, at_least, layered_env, port_number
 from openai_miner.miner import OpenAIMiner
-from openai_miner.sources.fallback import FallbackSource
+from openai_miner.sources import descriptions
 from openai_miner.startup import StartupError
 from openai_miner.chain import mock_subtensor
 from openai_miner.testing.localnet import (
@@ -192,19 +192,16 @@ async def ask_all_sn78(
     return list(await asyncio.gather(*(one(i, w) for i, w in enumerate(validators))))
 
 
-def answered_by(source: object, before: Counter) -> str:
-    """Which sources finished answers since ``before``, in words."""
-    if not isinstance(source, FallbackSource):
-        return source.describe()  # type: ignore[attr-defined]
-    members = source.members()
-    counts = source.answered - before
-    if not counts:  # cut at the deadline or failed: the source never finished an answer
-        if source.primary is None and source.local is not None:
-            return f"{source.local.describe()}, unfinished"
-        return f"unknown: no answer finished ({source.describe()})"
-    if len(counts) == 1 and sum(counts.values()) == 1:
-        return members[next(iter(counts))].describe()
-    return ", ".join(f"{members[name].describe()} x{count}" for name, count in counts.most_common())
+def answered_by(finished: Counter[str], tried: Counter[str], described: Mapping[str, str], backend: str) -> str:
+    """Which sources finished answers (``finished``, by source name), in words; else which were cut
+    short or failed (``tried``); else the whole backend, said unknown."""
+    if finished:
+        if len(finished) == 1 and finished.total() == 1:
+            return described.get(next(iter(finished)), backend)
+        return ", ".join(f"{described.get(name, name)} x{count}" for name, count in finished.most_common())
+    if tried:  # cut at the deadline or failed: no source finished an answer
+        return f"{', '.join(described.get(name, name) for name in tried)}, unfinished"
+    return f"unknown: no answer finished ({backend})"
 
 
 def _seconds(value: float | None) -> str:
@@ -299,14 +296,18 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             how = " as SN78 validators do (a handshake, then an encrypted challenge)" if args.front == "loosh" else ""
             print(f"{who} ask{how} (timeout {args.timeout:g}s): {args.prompt}", file=out, flush=True)
             print("", file=out, flush=True)
-            before = Counter(miner.source.answered) if isinstance(miner.source, FallbackSource) else Counter()
+            stats = miner.core.stats
+            finished, tried = stats.by_source("complete"), stats.by_source()
             started = time.monotonic()
             if args.front == "loosh":
                 answers = asyncio.run(ask_all_sn78(validators, port, args, out))
             else:
                 answers = asyncio.run(ask_all(validators, miner.axon.info(), args.prompt, args.timeout, out))
             wall = time.monotonic() - started
-            backend = answered_by(miner.source, before)
+            backend = answered_by(
+                stats.by_source("complete") - finished, stats.by_source() - tried,
+                descriptions(miner.source), miner.backend(),
+            )
             print("---", file=out)
             if len(answers) == 1:
                 print(f"{summary_line(answers[0])} | backend {backend}", file=out, flush=True)

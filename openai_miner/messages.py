@@ -1,23 +1,52 @@
-"""Synapse roles/messages -> LangChain chat messages, refusing what no model should be sent.
+"""The package's own chat messages, made from a request's roles/messages, refusing what no model should be sent.
 
 Validation lives here, before any model work, so a malformed synapse costs nothing and gets a
 reason the validator can read. A tool conversation's turns (an assistant's ``tool_calls``, a
 ``tool`` message's ``tool_call_id``) come as each message's ``extras``, OpenAI's names and shapes.
+A :class:`Message` is plain data: each source turns it into what its model takes (the OpenAI
+source into LangChain's classes, the local one into a chat template's dicts), so the core and the
+fronts depend on no model library.
 """
 
 import json
 import math
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Sequence
 
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
-from langchain_core.messages.tool import invalid_tool_call, tool_call
+Role = Literal["system", "user", "assistant", "tool"]
+ROLES: tuple[Role, ...] = ("system", "user", "assistant", "tool")
 
-ROLES: dict[str, type[BaseMessage]] = {
-    "system": SystemMessage,
-    "user": HumanMessage,
-    "assistant": AIMessage,
-    "tool": ToolMessage,
-}
+
+@dataclass(frozen=True)
+class ToolCall:
+    """An assistant's call of a tool, as the conversation brought it: ``arguments`` is the JSON
+    text the model wrote, kept whole whether or not it parses."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def parsed(self) -> dict[str, Any] | None:
+        """The arguments as the JSON object they should be; ``None`` if they are not one (the
+        model wrote them: the conversation is still answerable)."""
+        try:
+            value = json.loads(self.arguments)
+        except (ValueError, RecursionError):
+            return None
+        return value if isinstance(value, dict) else None
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn of a conversation: ``tool_calls`` only on an assistant's, ``tool_call_id`` (the call
+    it answers) only on a tool's."""
+
+    role: Role
+    content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+
 MAX_TOOL_CALLS = 128
 """Calls in one assistant message, and tools in one request (OpenAI's limit on tools)."""
 MAX_ID = 256
@@ -72,46 +101,31 @@ def _tool_calls(value: Any, index: int) -> list[dict[str, Any]]:
     return value
 
 
-def _arguments(text: str) -> dict[str, Any] | None:
-    """A call's arguments as the JSON object they should be; ``None`` if they are not one (the
-    model wrote them: the conversation is still answerable)."""
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def _id(value: Any) -> bool:
     return isinstance(value, str) and 0 < len(value) <= MAX_ID
 
 
-def _message(kind: type[BaseMessage], content: str, extras: Mapping[str, Any], index: int, role: str) -> BaseMessage:
+def _message(role: Role, content: str, extras: Mapping[str, Any], index: int) -> Message:
     """One chat message; a tool call or a tool's result may have no text, nothing else may."""
     calls = extras.get("tool_calls")
-    if calls is not None and kind is not AIMessage:
+    if calls is not None and role != "assistant":
         raise InvalidPrompt(f"message {index} ({role}) cannot carry tool_calls: only an assistant's can")
-    if kind is ToolMessage:
+    if role == "tool":
         tool_call_id = extras.get("tool_call_id")
         if not _id(tool_call_id):
             raise InvalidPrompt(f"message {index} (tool) needs a tool_call_id of 1 to {MAX_ID} characters")
-        return ToolMessage(content=content, tool_call_id=tool_call_id)
+        return Message(role, content, tool_call_id=tool_call_id)
     if calls is not None:
-        parsed = [(call, _arguments(call["function"]["arguments"])) for call in _tool_calls(calls, index)]
-        return AIMessage(
-            content=content,
-            tool_calls=[
-                tool_call(name=call["function"]["name"], args=args, id=call["id"]) for call, args in parsed if args is not None
-            ],
-            invalid_tool_calls=[  # sent on as the model wrote them
-                invalid_tool_call(name=call["function"]["name"], args=call["function"]["arguments"], id=call["id"])
-                for call, args in parsed
-                if args is None
-            ],
+        return Message(
+            role, content,
+            tool_calls=tuple(
+                ToolCall(call["id"], call["function"]["name"], call["function"]["arguments"])
+                for call in _tool_calls(calls, index)
+            ),
         )
     if not content.strip():
         raise InvalidPrompt(f"message {index} ({role}) is empty")
-    return kind(content=content)
+    return Message(role, content)
 
 
 def to_chat_messages(
@@ -122,7 +136,7 @@ def to_chat_messages(
     max_chars: int = 100_000,
     max_messages: int = 1024,
     extras: Sequence[Mapping[str, Any]] = (),
-) -> list[BaseMessage]:
+) -> list[Message]:
     """Map each (role, message) pair to a chat message, in order, keeping the whole history.
 
     ``extras`` (none, or one mapping per message) brings a tool conversation's fields:
@@ -143,22 +157,20 @@ def to_chat_messages(
     total = sum(len(message) for message in messages)
     if total > max_chars:
         raise InvalidPrompt(f"prompt of {total} characters is over this miner's limit of {max_chars}")
-    chat: list[BaseMessage] = []
+    chat: list[Message] = []
     for index, (role, content) in enumerate(zip(roles, messages)):
-        kind = ROLES.get(role.strip(SPACES).lower()) if isinstance(role, str) else None
-        if kind is None:
+        known = role.strip(SPACES).lower() if isinstance(role, str) else None
+        if known not in ROLES:
             raise InvalidPrompt(
                 f"message {index} has unknown role {shown(role)}; expected one of {', '.join(ROLES)}"
             )
-        extra = extras[index] if extras else {}
-        message = _message(kind, content, extra, index, role.strip(SPACES).lower())
-        if isinstance(message, AIMessage) and extra.get("tool_calls"):  # checked by _message
-            total += sum(len(call["function"]["arguments"]) for call in extra["tool_calls"])
+        message = _message(known, content, extras[index] if extras else {}, index)  # type: ignore[arg-type]
+        total += sum(len(call.arguments) for call in message.tool_calls)
         if total > max_chars:
             raise InvalidPrompt(f"prompt of over {max_chars} characters with its tool calls' arguments")
         chat.append(message)
-    if not any(isinstance(message, HumanMessage) for message in chat):
+    if not any(message.role == "user" for message in chat):
         raise InvalidPrompt("no user message: there is nothing to answer")
-    if system_prompt and not any(isinstance(message, SystemMessage) for message in chat):
-        chat.insert(0, SystemMessage(content=system_prompt))
+    if system_prompt and not any(message.role == "system" for message in chat):
+        chat.insert(0, Message("system", system_prompt))
     return chat

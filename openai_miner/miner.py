@@ -21,7 +21,6 @@ from openai_miner.fronts.axon import StreamingResponse
 from openai_miner.protocol import StreamPromptingSynapse
 from openai_miner.sources import openai as openai_source
 from openai_miner.sources.base import TokenSource
-from openai_miner.sources.fallback import FallbackSource
 from openai_miner.system_prompts import load_system_prompts
 
 
@@ -75,10 +74,7 @@ class OpenAIMiner(Miner):
     def can_answer(self) -> bool:
         """An upstream is configured (its failures fall back to the local model), or the local model
         is loaded: no answer would wait for a load."""
-        source = self.core.source
-        if isinstance(source, FallbackSource):
-            return source.primary is not None or bool(getattr(source.local, "loaded", True))
-        return bool(getattr(source, "loaded", True))
+        return bool(getattr(self.core.source, "loaded", True))
 
     def forward(self, synapse: StreamPromptingSynapse) -> StreamingResponse:
         return axon.stream(self.core, synapse, self.gate.arrived(synapse))

@@ -8,7 +8,8 @@ The drain decides when a batch goes out; the front's :data:`Emit` decides its by
 ``send()`` of the text, an SSE chunk of the HTTP front), and ends the stream itself.
 A tool call's pieces travel in the batches beside the text but are not counted as tokens; the
 source's :class:`~openai_miner.sources.base.Finish` is never emitted: its finish reason and usage
-end up in the :class:`StreamResult`.
+end up in the :class:`StreamResult`, and so does the name of the source that answered (the
+source's own, or the one an :class:`~openai_miner.sources.base.Answering` named).
 """
 
 import asyncio
@@ -17,10 +18,10 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, Literal, Sequence
 
 import bittensor as bt
-from langchain_core.messages import BaseMessage
-
+from openai_miner.messages import Message
 from openai_miner.sources.base import (
     DEFAULT_SAMPLING,
+    Answering,
     Finish,
     Sampling,
     Token,
@@ -62,12 +63,14 @@ class StreamResult:
 
     ``tokens`` counts text only. ``finish_reason`` is the source's own when it completed
     (``"tool_calls"`` when it called a tool and did not say), else ``None``: the front words
-    a cut-short answer itself. ``usage`` is the source's count, when it gave one.
+    a cut-short answer itself. ``usage`` is the source's count, when it gave one. ``source`` names
+    the source that answered (or failed to), e.g. ``"openai"`` or ``"local"`` behind the fallback.
     """
 
     outcome: Outcome
     tokens: int
     sends: int
+    source: str
     error: BaseException | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
@@ -94,7 +97,7 @@ def stream_deadline(timeout: float | None, *, now: float, margin: float) -> floa
 
 async def stream_answer(
     source: TokenSource,
-    messages: Sequence[BaseMessage],
+    messages: Sequence[Message],
     emit: Emit,
     *,
     batch_size: int,
@@ -128,6 +131,7 @@ async def stream_answer(
     error: BaseException | None = None
     finish = Finish()
     called = False
+    answering = source.name
 
     async def flush() -> None:
         nonlocal sends
@@ -154,6 +158,9 @@ async def stream_answer(
             if isinstance(item, Finish):
                 finish = item
                 continue
+            if isinstance(item, Answering):
+                answering = item.source
+                continue
             if item is _DEADLINE:
                 outcome = "deadline"
             elif isinstance(item, _Failed):
@@ -168,4 +175,4 @@ async def stream_answer(
         timer.cancel()
         producer.cancel()
     reason = (finish.reason or ("tool_calls" if called else None)) if outcome == "complete" else None
-    return StreamResult(outcome, tokens, sends, error, finish_reason=reason, usage=finish.usage)
+    return StreamResult(outcome, tokens, sends, answering, error, finish_reason=reason, usage=finish.usage)

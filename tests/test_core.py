@@ -43,14 +43,14 @@ async def test_answer_streams_batches_passes_sampling_and_counts() -> None:
     assert result.outcome == "complete" and emit.batches == [["a", "b"], ["c"]]
     assert source.sampling == [sampling]
     assert source.seen[0][0].content == "Show the number."  # the task's system prompt comes first
-    assert answering.stats == {"complete": 1, "tokens": 3}
+    assert answering.stats.answers == {("fake", "complete"): 1} and answering.stats.tokens == 3
 
 
 async def test_a_failed_answer_is_counted_and_may_stop_the_miner() -> None:
     stopped: list[bool] = []
     answering = core(FakeSource(["a"], fail_after=0), on_failure=lambda: stopped.append(True))
     result = await answering.answer(Question(answering.chat(["user"], ["hi"], None), far()), Batches())
-    assert result.outcome == "error" and answering.stats["error"] == 1 and stopped == [True]
+    assert result.outcome == "error" and answering.stats.by_outcome() == {"error": 1} and stopped == [True]
 
 
 def test_chat_without_template_sends_messages_untouched_and_refuses_bad_ones() -> None:

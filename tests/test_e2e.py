@@ -52,12 +52,12 @@ async def test_no_api_key_answers_from_the_local_model(serve_miner, validator, t
         "--fallback.model", tiny_model, "--fallback.device", "cpu", "--fallback.max_new_tokens", "30",
         "--neuron.streaming_batch_size", "5",
     )
-    assert miner.source.primary is None and miner.source.local.loaded  # preloaded
+    assert miner.can_answer() and miner.backend().startswith("local")  # no upstream; preloaded
     async with bt.Dendrite(wallet=validator) as dendrite:
         answer = await ask(dendrite, miner.axon, ["user"], ["what is the capital of france ?"])
     assert answer.status == 200
     assert answer.text.strip() and answer.text == answer.synapse.completion
-    assert miner.source.answered == {"local": 1}
+    assert miner.core.stats.answers == {("local", "complete"): 1}
 
 
 async def test_sixteen_concurrent_streams_take_about_as_long_as_one(serve_miner, chain, wallets) -> None:

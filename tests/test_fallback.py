@@ -4,7 +4,7 @@ import time
 import pytest
 
 from openai_miner.sources.fallback import CircuitBreaker, FallbackSource
-from openai_miner.streaming import stream_answer
+from openai_miner.streaming import StreamResult, stream_answer
 from openai_miner.testing.fake_source import FakeSource
 from tests.helpers import Recorder, far
 
@@ -13,21 +13,26 @@ def source(primary, local, failures=3, cooldown=10.0, clock=time.monotonic) -> F
     return FallbackSource(primary, local, CircuitBreaker(failures, cooldown, clock))
 
 
-async def answer(src: FallbackSource) -> tuple[str, str]:
+async def answered(src: FallbackSource) -> tuple[str, StreamResult]:
     send = Recorder()
     result = await stream_answer(src, [], send.emit, batch_size=2, deadline=far())
-    return send.text, result.outcome
+    return send.text, result
+
+
+async def answer(src: FallbackSource) -> tuple[str, str]:
+    text, result = await answered(src)
+    return text, result.outcome
 
 
 async def test_no_primary_answers_locally() -> None:
-    src = source(None, FakeSource(["local"]))
-    assert await answer(src) == ("local", "complete")
-    assert src.answered == {"fake": 1}
+    text, result = await answered(source(None, FakeSource(["local"], name="local")))
+    assert (text, result.outcome, result.source) == ("local", "complete", "local")
 
 
 async def test_failure_before_first_token_falls_back_for_the_same_request() -> None:
-    primary, local = FakeSource(["up"], fail_after=0), FakeSource(["lo", "cal"])
-    assert await answer(source(primary, local)) == ("local", "complete")
+    primary, local = FakeSource(["up"], fail_after=0, name="up"), FakeSource(["lo", "cal"], name="local")
+    text, result = await answered(source(primary, local))
+    assert (text, result.outcome, result.source) == ("local", "complete", "local")
     assert len(primary.seen) == len(local.seen) == 1
 
 
@@ -44,7 +49,7 @@ async def test_no_local_reraises() -> None:
 
 async def test_breaker_opens_then_half_opens_with_one_probe() -> None:
     now = [0.0]
-    primary, local = FakeSource(["up"], fail_after=0), FakeSource(["lo"])
+    primary, local = FakeSource(["up"], fail_after=0, name="up"), FakeSource(["lo"], name="local")
     src = source(primary, local, failures=2, cooldown=30.0, clock=lambda: now[0])
     for _ in range(2):
         assert (await answer(src))[0] == "lo"
@@ -53,8 +58,9 @@ async def test_breaker_opens_then_half_opens_with_one_probe() -> None:
     assert len(primary.seen) == 2 and len(local.seen) == 3
     now[0] = 31.0
     primary.fail_after = None  # upstream is back
-    assert (await answer(src))[0] == "up"  # the probe
-    assert src.breaker.state == "closed" and src.answered["fake"] == 4
+    text, result = await answered(src)  # the probe
+    assert (text, result.outcome, result.source) == ("up", "complete", "up")
+    assert src.breaker.state == "closed"
 
 
 async def test_failed_probe_reopens() -> None:

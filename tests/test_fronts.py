@@ -140,7 +140,7 @@ async def test_three_fronts_in_one_process(serve_miner, validator) -> None:
     source = FakeSource(WORDS)
     miner = serve_miner("--http.port", str(free_port()), "--loosh.port", str(free_port()), source=source)
     assert await ask_every_front(miner, validator) == {"axon": TEXT, "http": TEXT, "loosh": TEXT}
-    assert source.finished == 3 and miner.core.stats["complete"] == 3
+    assert source.finished == 3 and miner.core.stats.by_outcome()["complete"] == 3
 
 
 async def test_two_fronts_without_the_axon(serve_miner, validator) -> None:

@@ -99,7 +99,7 @@ async def test_other_tasks_get_their_system_prompt(serve_http, validator) -> Non
     source = FakeSource(WORDS[:2])
     miner = serve_http(source=source)
     await stream_text(miner, validator, extra_body={"task": "MSRv2Task"})
-    assert type(source.seen[0][0]).__name__ == "SystemMessage"
+    assert source.seen[0][0].role == "system"
 
 
 async def test_thirty_two_concurrent_streams_each_get_their_whole_answer(serve_http, validator) -> None:

@@ -49,3 +49,21 @@ def test_no_test_module_imports_another() -> None:
     for path in tests.glob("test_*.py"):
         others = {name for name in imported_modules(path) if name.startswith("tests.test_") or name == "tests.conftest"}
         assert not others, f"{path.name} imports {others}: share through tests/helpers.py or a fixture"
+
+
+def test_the_core_fronts_and_drain_load_no_langchain() -> None:
+    """The core speaks its own types (:class:`~openai_miner.messages.Message`, a result naming its
+    source): only the OpenAI source, which calls LangChain's chat model, loads LangChain."""
+    probe = (
+        "import sys, openai_miner.core, openai_miner.streaming, openai_miner.fronts.http, "
+        "openai_miner.fronts.loosh, openai_miner.fronts.axon; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0].startswith('langchain')))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
+def test_only_the_openai_source_imports_langchain() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        if path != PACKAGE / "sources" / "openai.py":
+            assert not any(name.split(".")[0].startswith("langchain") for name in imported_modules(path)), path

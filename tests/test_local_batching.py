@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from langchain_core.messages import HumanMessage
+from openai_miner.messages import Message
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from tests.helpers import DEVICE
@@ -20,7 +20,7 @@ from openai_miner.sources.local import LocalSource
 from openai_miner.sources.local_batch import batch_processors
 from openai_miner.sources.local_model import default_model, pick_dtype
 
-QUESTION = [HumanMessage("what is the capital of france ?")]
+QUESTION = [Message("user", "what is the capital of france ?")]
 class Stream:
     """One request's produce task and the (arrival order, item) of what it streamed."""
 
@@ -252,7 +252,7 @@ async def test_real_smollm2_does_not_loop() -> None:
         queues: list[asyncio.Queue[str]] = [asyncio.Queue() for _ in prompts]
         deadline = time.monotonic() + 120
         await asyncio.gather(
-            *(local.produce([HumanMessage(p)], q, deadline) for p, q in zip(prompts, queues))
+            *(local.produce([Message("user", p)], q, deadline) for p, q in zip(prompts, queues))
         )
         return [drained(q) for q in queues]
 

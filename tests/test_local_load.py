@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 import torch
-from langchain_core.messages import HumanMessage
+from openai_miner.messages import Message
 
 from openai_miner.miner import OpenAIMiner
 from openai_miner.sources import local_source
@@ -21,7 +21,7 @@ from openai_miner.testing.fake_source import FakeSource
 from openai_miner.testing.localnet import miner_argv
 from tests.helpers import local_source as started_source
 
-QUESTION = [HumanMessage("what is the capital of france ?")]
+QUESTION = [Message("user", "what is the capital of france ?")]
 
 
 @pytest.fixture

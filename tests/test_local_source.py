@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from openai_miner.messages import Message, ToolCall
 
 from tests.helpers import DEVICE
 from tests.helpers import local_source as source
@@ -20,7 +20,7 @@ from openai_miner.sources.local import LocalSource, _AnswerPenalty
 from openai_miner.sources.local_model import FALLBACK_CHAT_TEMPLATE, default_model, load_model, pick_device
 from openai_miner.sources.local_text import exempt
 
-QUESTION = [HumanMessage("what is the capital of france ?")]
+QUESTION = [Message("user", "what is the capital of france ?")]
 
 
 async def collect(
@@ -108,7 +108,7 @@ async def test_streams_the_whole_answer_token_by_token(tiny_model: str) -> None:
     assert len(tokens) > 1 and all(tokens)
     loaded = local.load()
     inputs = loaded.tokenizer.apply_chat_template(
-        [{"role": "user", "content": QUESTION[0].text}],
+        [{"role": "user", "content": QUESTION[0].content}],
         add_generation_prompt=True,
         sanitize_control_tokens=True,
         return_dict=True,
@@ -137,7 +137,7 @@ async def test_maps_messages_and_keeps_typed_control_tokens_as_text(
     loaded = local.load()
     prompts = spy_prompts(local, monkeypatch)
     queue: asyncio.Queue[str] = asyncio.Queue()
-    history = [SystemMessage("hello"), HumanMessage("how are you </s>"), AIMessage("paris"), *QUESTION]
+    history = [Message("system", "hello"), Message("user", "how are you </s>"), Message("assistant", "paris"), *QUESTION]
     await local.produce(history, queue, time.monotonic() + 30)
     assert not queue.empty()
     prompt = loaded.tokenizer.decode(prompts[0])
@@ -147,8 +147,8 @@ async def test_maps_messages_and_keeps_typed_control_tokens_as_text(
     assert prompts[0].count(loaded.tokenizer.eos_token_id) == len(history)
 
     # This template takes no tools: a tool's result is said by the user, the call itself as text.
-    called = AIMessage("", additional_kwargs={"tool_calls": [{"id": "1", "type": "function", "function": {"name": "fox", "arguments": "{}"}}]})
-    await local.produce([*QUESTION, called, ToolMessage("paris", tool_call_id="1")], queue, time.monotonic() + 30)
+    called = Message("assistant", "", tool_calls=(ToolCall("1", "fox", "{}"),))
+    await local.produce([*QUESTION, called, Message("tool", "paris", tool_call_id="1")], queue, time.monotonic() + 30)
     assert loaded.tokenizer.decode(prompts[1]).endswith("assistant : </s> user : paris </s> assistant :")
 
 
@@ -331,7 +331,7 @@ async def test_real_smollm2_gguf_answers_on_cpu() -> None:
     queue: asyncio.Queue[str] = asyncio.Queue()
     started = time.monotonic()
     task = asyncio.create_task(
-        local.produce([HumanMessage("What is the capital of France?")], queue, started + 120)
+        local.produce([Message("user", "What is the capital of France?")], queue, started + 120)
     )
     seen = await collect(local, queue, task)
     text = "".join(token for _, token, _ in seen)
@@ -350,7 +350,7 @@ async def test_prompt_over_the_context_keeps_its_last_tokens(
     prompts = spy_prompts(local, monkeypatch)
     context = local.load().model.config.max_position_embeddings
     queue: asyncio.Queue[str] = asyncio.Queue()
-    await local.produce([HumanMessage("the " * (context + 1000))], queue, time.monotonic() + 30)
+    await local.produce([Message("user", "the " * (context + 1000))], queue, time.monotonic() + 30)
     await local.produce(QUESTION, queue, time.monotonic() + 30)
     assert len(prompts[0]) == context - 12 and len(prompts[1]) < 50
     assert not queue.empty()
@@ -384,10 +384,8 @@ async def test_a_template_that_takes_tools_gets_them_and_the_tool_turns(
     prompts = spy_prompts(local, monkeypatch)
     queue: asyncio.Queue = asyncio.Queue()
     tool = {"type": "function", "function": {"name": "fox", "parameters": {"type": "object", "properties": {}}}}
-    called = AIMessage("", additional_kwargs={"tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "dog", "arguments": '{"city": "paris"}'}}
-    ]})
-    history = [*QUESTION, called, ToolMessage("lazy", tool_call_id="c1")]
+    called = Message("assistant", "", tool_calls=(ToolCall("c1", "dog", '{"city": "paris"}'),))
+    history = [*QUESTION, called, Message("tool", "lazy", tool_call_id="c1")]
     await local.produce(history, queue, time.monotonic() + 30, Sampling(tools=(tool,)))
     prompt = loaded.tokenizer.decode(prompts[0])
     assert prompt.startswith("system : fox </s> user : what is the capital of france ?")

@@ -19,6 +19,7 @@ from openai_miner.access import Access, AccessPolicy, RateLimiter, RecentPrompts
 from openai_miner.chain import Registry
 from openai_miner.core import Core
 from openai_miner.fronts.loosh import AHEAD, DEFAULT_TIMEOUT, KEY_TTL, OAEP, WINDOW, LooshFront, add_args
+from openai_miner.messages import Message
 from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling
 from openai_miner.system_prompts import SystemPrompts
 from openai_miner.testing.fake_source import FakeSource
@@ -72,7 +73,7 @@ async def test_a_prompt_is_answered_with_the_exact_text(miner) -> None:
     assert answer["usage"] == {"prompt_tokens": 0, "completion_tokens": len(WORDS), "total_tokens": len(WORDS)}
     assert answer["correlation_id"] == "c-1" and isinstance(answer["response_time_ms"], int)
     [messages] = source.seen
-    assert [(type(m).__name__, m.content) for m in messages] == [("HumanMessage", "hello")]  # no system prompt added
+    assert messages == [Message("user", "hello")]  # no system prompt added
     assert source.sampling == [Sampling(temperature=0.7, top_p=0.95, max_tokens=12288)]
 
 
@@ -96,8 +97,8 @@ async def test_messages_with_text_parts_reach_the_model_as_sent(miner) -> None:
     ]
     reply = await miner(source).validator().ask({**CHALLENGE, "prompt": "ignored", "messages": messages})
     assert reply.ok
-    assert [(type(m).__name__, m.content) for m in source.seen[0]] == [
-        ("SystemMessage", "Be terse."), ("HumanMessage", "two parts"), ("AIMessage", "ok"), ("HumanMessage", "again"),
+    assert source.seen[0] == [
+        Message("system", "Be terse."), Message("user", "two parts"), Message("assistant", "ok"), Message("user", "again"),
     ]
 
 
@@ -183,7 +184,7 @@ async def test_a_validator_hanging_up_cancels_the_answer(miner) -> None:
     await source.started.wait()
     gone.set()
     await serving
-    assert source.cancelled == 1 and m.front.core.stats["complete"] == 0
+    assert source.cancelled == 1 and m.front.core.stats.by_outcome()["complete"] == 0
     assert sent[0]["status"] == 499  # nobody reads it
 
 

@@ -4,7 +4,7 @@ import asyncio
 import time
 
 import pytest
-from langchain_core.messages import HumanMessage, SystemMessage
+from openai_miner.messages import Message
 
 from openai_miner.testing.upstream import Fault, LoopbackUpstream, ToolCall
 from openai_miner.sources.base import Sampling, ToolCallDelta, UpstreamError
@@ -13,7 +13,7 @@ from openai_miner.streaming import stream_answer
 from tests.helpers import Recorder, collector_paused, unfinished_http_generators
 
 TOKENS = [f"w{i} " for i in range(25)]
-MESSAGES = [SystemMessage("be brief"), HumanMessage("hello")]
+MESSAGES = [Message("system", "be brief"), Message("user", "hello")]
 
 
 def source(up: LoopbackUpstream, **kwargs) -> OpenAISource:

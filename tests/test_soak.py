@@ -270,7 +270,7 @@ async def test_soak(serve_miner, validator, tiny_model) -> None:
     answered = sum(counts[kind] for kind in KINDS)
     print(
         f"\nsoak: {answered} requests in {took:.1f}s, {CONCURRENCY} at a time, answered by "
-        f"{dict(miner.source.answered)}; {dict(counts)}"
+        f"{dict(miner.core.stats.by_source('complete'))}; {dict(counts)}"
         f"\nleaks: {leaked_threads} threads, {axon_tasks(miner) - tasks} axon tasks, {open_upstream} open "
         f"upstream requests; RSS MB {' '.join(f'{m:.0f}' for m in memory)}; {len(found)} problems"
     )

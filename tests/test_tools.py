@@ -10,10 +10,10 @@ import bittensor as bt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 
 from openai_miner.fronts.http import parse_chat
-from openai_miner.messages import InvalidPrompt, to_chat_messages
+from openai_miner.messages import InvalidPrompt, Message, to_chat_messages
+from openai_miner.messages import ToolCall as CalledTool  # the loopback upstream has a ToolCall of its own
 from openai_miner.miner import OpenAIMiner
 from openai_miner.sources.base import (
     DEFAULT_SAMPLING,
@@ -22,7 +22,7 @@ from openai_miner.sources.base import (
     ToolCallDelta,
     Usage,
 )
-from openai_miner.sources.openai import OpenAISource, chat_openai
+from openai_miner.sources.openai import OpenAISource, chat_openai, langchain_messages
 from openai_miner.streaming import stream_answer, text_of, tool_calls_of
 from openai_miner.testing.fake_source import FakeSource
 from openai_miner.testing.localnet import free_port
@@ -226,7 +226,7 @@ async def test_the_drain_passes_calls_on_uncounted_and_keeps_the_finish_out_of_t
         batches.append(list(batch))
 
     source = Calling(["a ", "b "], PIECES)
-    result = await stream_answer(source, [HumanMessage("hi")], emit, batch_size=3, deadline=time.monotonic() + 10)
+    result = await stream_answer(source, [Message("user", "hi")], emit, batch_size=3, deadline=time.monotonic() + 10)
     pieces = [item for batch in batches for item in batch]
     assert pieces == ["a ", "b ", *PIECES] and not any(isinstance(item, Finish) for item in pieces)
     assert result.tokens == 2 and result.finish_reason == "tool_calls" and result.usage == Usage(7, 5)
@@ -243,15 +243,19 @@ async def test_the_axon_answers_the_text_only(serve_miner, validator) -> None:
 # -- messages ----------------------------------------------------------------------------------------
 
 
-def test_a_tool_conversation_maps_to_langchains_messages() -> None:
+def test_a_tool_conversation_maps_to_messages_and_on_to_langchains() -> None:
     call = {"id": "call_abc", "type": "function", "function": {"name": "weather", "arguments": "{not json"}}
     chat = to_chat_messages(
         ["user", "assistant", "tool"], ["hi", "", ""],
         extras=[{}, {"tool_calls": [call]}, {"tool_call_id": "call_abc"}],
     )
-    assert isinstance(chat[1], AIMessage) and isinstance(chat[2], ToolMessage)
-    assert chat[1].invalid_tool_calls[0]["args"] == "{not json"  # kept as the model wrote it
-    assert chat[2].tool_call_id == "call_abc" and chat[2].content == ""
+    assert chat[1:] == [
+        Message("assistant", "", tool_calls=(CalledTool("call_abc", "weather", "{not json"),)),  # kept as the model wrote it
+        Message("tool", "", tool_call_id="call_abc"),
+    ]
+    called, answered = langchain_messages(chat)[1:]
+    assert called.invalid_tool_calls[0]["args"] == "{not json" and not called.tool_calls
+    assert answered.tool_call_id == "call_abc" and answered.content == ""
 
 
 @pytest.mark.parametrize(
@@ -297,7 +301,7 @@ def test_any_tool_fields_are_taken_or_refused_with_a_reason(tools, tool_choice, 
     body = {"messages": [*MESSAGES, turn], "tools": tools, "tool_choice": tool_choice, "stream_options": stream_options}
     try:
         asked = parse_chat(body)
-        to_chat_messages(asked.roles, asked.contents, extras=asked.extras)
+        langchain_messages(to_chat_messages(asked.roles, asked.contents, extras=asked.extras))
     except InvalidPrompt:
         pass
 
@@ -306,5 +310,5 @@ def test_any_tool_fields_are_taken_or_refused_with_a_reason(tools, tool_choice, 
 def test_a_past_call_with_any_arguments_is_answerable(arguments: str) -> None:
     """Arguments that are no JSON object (the model wrote them) made LangChain's message fail: a 500."""
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
-    [_, message] = to_chat_messages(["user", "assistant"], ["hi", ""], extras=[{}, {"tool_calls": [call]}])
+    [_, message] = langchain_messages(to_chat_messages(["user", "assistant"], ["hi", ""], extras=[{}, {"tool_calls": [call]}]))
     assert len(message.tool_calls) + len(message.invalid_tool_calls) == 1

@@ -5,7 +5,7 @@ import asyncio
 import time
 
 import pytest
-from langchain_core.messages import HumanMessage
+from openai_miner.messages import Message
 
 from openai_miner.miner import OpenAIMiner
 from openai_miner.sources.base import Sampling, Usage
@@ -84,7 +84,7 @@ async def test_the_openai_source_reports_the_upstreams_finish_and_usage() -> Non
             pass
 
         result = await stream_answer(
-            source, [HumanMessage(MESSAGES[0]["content"])], emit, batch_size=4, deadline=time.monotonic() + 10
+            source, [Message("user", MESSAGES[0]["content"])], emit, batch_size=4, deadline=time.monotonic() + 10
         )
     assert result.tokens == len(WORDS) and result.finish_reason == "stop"
     assert result.usage == Usage(COUNTED["prompt_tokens"], COUNTED["completion_tokens"])
@@ -95,7 +95,7 @@ async def test_the_local_model_counts_its_own_tokens(tiny_model: str, path: str)
     """Every token generated counts (the tiny model never stops early: it reaches max_tokens)."""
     local = local_source(tiny_model, max_new_tokens=64)
     loaded = local.load()
-    question = [HumanMessage("what is the capital of france ?")]
+    question = [Message("user", "what is the capital of france ?")]
     chat = template_chat(question, tools=False)
     prompt = loaded.tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
     queue: asyncio.Queue = asyncio.Queue()

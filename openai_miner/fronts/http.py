@@ -479,7 +479,7 @@ class HttpFront:
         })
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", "backend": self.core.source.describe(), "answers": dict(self.core.stats)})
+        return JSONResponse({"status": "ok", "backend": self.core.source.describe(), "answers": self.core.stats.as_json()})
 
 
 def _target(request: Request) -> str:

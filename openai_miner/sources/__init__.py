@@ -16,7 +16,6 @@ from pydantic import SecretStr
 from openai_miner.config import ConfigError, add_bool, at_least
 from openai_miner.sources.base import TokenSource
 from openai_miner.sources.fallback import CircuitBreaker, FallbackSource
-from openai_miner.sources.openai import OpenAISource
 from openai_miner.startup import StartupError
 
 if TYPE_CHECKING:
@@ -89,6 +88,8 @@ def device_name(text: str) -> str:
 
 def build(config: bt.Config, api_key: SecretStr | None) -> TokenSource:
     """The upstream (with a key or a custom server), the local model, or both behind a breaker."""
+    from openai_miner.sources.openai import OpenAISource  # here: LangChain loads only for a miner that asks it
+
     primary = OpenAISource.from_config(config, api_key) if api_key or config.openai.base_url else None
     local = None if config.fallback.off else local_source(config, required=primary is None)
     if local is None:
@@ -121,6 +122,13 @@ def build(config: bt.Config, api_key: SecretStr | None) -> TokenSource:
     settings = config.fallback
     breaker = CircuitBreaker(settings.failures, settings.cooldown)
     return FallbackSource(primary, local, breaker, note, first_token_share=settings.first_token_share)
+
+
+def descriptions(source: TokenSource) -> dict[str, str]:
+    """What each source that may answer for ``source`` is, by the name an answer's result gives
+    (:attr:`~openai_miner.streaming.StreamResult.source`): the fallback's members, or itself."""
+    members = source.members() if isinstance(source, FallbackSource) else [source]
+    return {member.name: member.describe() for member in members}
 
 
 def install_hint(requirement: str) -> str:

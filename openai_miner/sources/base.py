@@ -4,7 +4,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Sequence
 
-from langchain_core.messages import BaseMessage
+from openai_miner.messages import Message
 
 
 class UpstreamError(RuntimeError):
@@ -89,7 +89,16 @@ class Finish:
     usage: Usage | None = None
 
 
-Item = str | Token | ToolCallDelta | Finish
+@dataclass(frozen=True)
+class Answering:
+    """A source that hands the answer to another says so, before that one's first item: ``source``
+    (its ``name``) answers from here on. The answer's result names it (else the source asked):
+    which model answered is what an operator asks after an outage. Never sent as text."""
+
+    source: str
+
+
+Item = str | Token | ToolCallDelta | Finish | Answering
 """What a source puts on the drain's queue."""
 
 
@@ -98,7 +107,8 @@ class TokenSource(Protocol):
 
     ``produce`` puts each non-empty token on ``queue`` as soon as it exists and returns when the
     answer is complete: a ``str``, or a :class:`Token` when ``sampling.top_logprobs`` is set; a
-    tool call as :class:`ToolCallDelta` pieces; last, once complete, a :class:`Finish`. It
+    tool call as :class:`ToolCallDelta` pieces; last, once complete, a :class:`Finish`. A source
+that delegates (the fallback) puts an :class:`Answering` naming the one it hands the answer to. It
     raises (ideally :class:`UpstreamError`) when it cannot answer. It must stop promptly, releasing
     upstream connections or compute, when its task is cancelled: the drain cancels it at the
     request's deadline or when the validator goes away. ``deadline`` is a ``time.monotonic()``
@@ -111,7 +121,7 @@ class TokenSource(Protocol):
 
     async def produce(
         self,
-        messages: Sequence[BaseMessage],
+        messages: Sequence[Message],
         queue: "asyncio.Queue[Item]",
         deadline: float,
         sampling: Sampling = DEFAULT_SAMPLING,

@@ -5,18 +5,26 @@ its first token; a failure after that ends the stream with what was sent. A circ
 paying the upstream's timeouts and retries while it is down: after ``failures`` consecutive
 failures, requests go straight to the local model for ``cooldown`` seconds, then one request
 probes the upstream again. Each switch is logged once. A :class:`NoAnswer` (a refused or empty
-answer) is answered locally too, but proves the upstream up rather than down.
+answer) is answered locally too, but proves the upstream up rather than down. Which of the two
+answers goes on the queue as an :class:`~openai_miner.sources.base.Answering`, for the answer's result.
 """
 
 import asyncio
 import time
-from collections import Counter
 from typing import Callable, Sequence
 
 import bittensor as bt
-from langchain_core.messages import BaseMessage
 
-from openai_miner.sources.base import DEFAULT_SAMPLING, Item, NoAnswer, Sampling, TokenSource, UpstreamError
+from openai_miner.messages import Message
+from openai_miner.sources.base import (
+    DEFAULT_SAMPLING,
+    Answering,
+    Item,
+    NoAnswer,
+    Sampling,
+    TokenSource,
+    UpstreamError,
+)
 
 
 class CircuitBreaker:
@@ -105,14 +113,19 @@ class FallbackSource:
         self.breaker = breaker
         self.first_token_share = first_token_share
         self.note = note  # said after the description: why the local model answers, or a failed load
-        self.answered: Counter[str] = Counter()
 
-    def members(self) -> dict[str, TokenSource]:
-        """The sources that may answer, by ``name`` (the keys of :attr:`answered`)."""
-        return {source.name: source for source in (self.primary, self.local) if source is not None}
+    def members(self) -> list[TokenSource]:
+        """The sources that may answer, the upstream first."""
+        return [source for source in (self.primary, self.local) if source is not None]
+
+    @property
+    def loaded(self) -> bool:
+        """Whether no answer would wait for a model to load: an upstream needs none, the local model
+        may still be loading."""
+        return self.primary is not None or bool(getattr(self.local, "loaded", True))
 
     def models(self) -> frozenset[str]:
-        return frozenset().union(*(source.models() for source in self.members().values()))
+        return frozenset().union(*(source.models() for source in self.members()))
 
     def close(self) -> None:
         """Stop whatever the local model computes (the miner calls it as it stops)."""
@@ -129,12 +142,13 @@ class FallbackSource:
 
     async def produce(
         self,
-        messages: Sequence[BaseMessage],
+        messages: Sequence[Message],
         queue: "asyncio.Queue[Item]",
         deadline: float,
         sampling: Sampling = DEFAULT_SAMPLING,
     ) -> None:
         if self.primary is not None and (self.local is None or self.breaker.allow()):
+            queue.put_nowait(Answering(self.primary.name))
             counted = _Counted(queue)
             try:
                 await self._from_primary(self.primary, messages, counted, deadline, sampling)
@@ -151,14 +165,13 @@ class FallbackSource:
                 bt.logging.warning(f"upstream failed before its first token ({error}); answering locally")
             else:
                 self.breaker.success()
-                self.answered[self.primary.name] += 1
                 return
         assert self.local is not None
+        queue.put_nowait(Answering(self.local.name))
         await self.local.produce(messages, queue, deadline, sampling)
-        self.answered[self.local.name] += 1
 
     async def _from_primary(
-        self, primary: TokenSource, messages: Sequence[BaseMessage], counted: _Counted, deadline: float,
+        self, primary: TokenSource, messages: Sequence[Message], counted: _Counted, deadline: float,
         sampling: Sampling,
     ) -> None:
         """The upstream's answer; with a local model to turn to, :class:`Stalled` if no first token

@@ -68,10 +68,10 @@ from typing import Any, Callable, Sequence
 import bittensor as bt
 import jinja2
 import torch
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
+from openai_miner.messages import Message
 from openai_miner.sources.base import DEFAULT_SAMPLING, Finish, Item, Sampling, Token, UpstreamError, Usage
 from openai_miner.sources.local_batch import Batch, BatchRequest, batch_processors, cb_classes
 from openai_miner.sources.local_model import (
@@ -83,13 +83,6 @@ from openai_miner.sources.local_model import (
     pick_dtype,
 )
 from openai_miner.sources.local_text import Decoder, StopStrings, exempt, penalize
-
-ROLES: dict[type[BaseMessage], str] = {
-    SystemMessage: "system",
-    HumanMessage: "user",
-    AIMessage: "assistant",
-    ToolMessage: "tool",
-}
 
 # Default repetition penalty for models whose generation config sets none.
 REPETITION_PENALTY = 1.2
@@ -390,7 +383,7 @@ class LocalSource:
 
     async def produce(
         self,
-        messages: Sequence[BaseMessage],
+        messages: Sequence[Message],
         queue: "asyncio.Queue[Item]",
         deadline: float,
         sampling: Sampling = DEFAULT_SAMPLING,
@@ -696,13 +689,6 @@ def _cannot_batch(model: PreTrainedModel) -> str | None:
     return None
 
 
-def _role(message: BaseMessage) -> str:
-    for kind, role in ROLES.items():
-        if isinstance(message, kind):
-            return role
-    raise UpstreamError(f"a local model cannot be sent a {type(message).__name__}")
-
-
 def _templated(loaded: LoadedModel, chat: list[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> list[int]:
     # Control tokens typed by the validator stay text: only the template writes real ones.
     return loaded.tokenizer.apply_chat_template(
@@ -719,20 +705,22 @@ def takes_tools(tokenizer: Any) -> bool:
     return "tools" in str(getattr(tokenizer, "chat_template", None) or "")
 
 
-def template_chat(messages: Sequence[BaseMessage], *, tools: bool) -> list[dict[str, Any]]:
+def template_chat(messages: Sequence[Message], *, tools: bool) -> list[dict[str, Any]]:
     """The conversation as a chat template takes it. With ``tools``: an assistant's tool calls (in
     transformers' shape, arguments parsed) and tool results with their call's id; without, as
     plain text, a tool's result said by the user."""
     chat: list[dict[str, Any]] = []
     for message in messages:
-        role = _role(message)
-        turn: dict[str, Any] = {"role": role, "content": message.text}
-        if isinstance(message, ToolMessage):
-            turn = {**turn, "tool_call_id": message.tool_call_id} if tools else {"role": "user", "content": message.text}
-        elif tools and isinstance(message, AIMessage) and message.tool_calls:
-            turn["tool_calls"] = [
-                {"type": "function", "id": call["id"], "function": {"name": call["name"], "arguments": call["args"]}}
+        turn: dict[str, Any] = {"role": message.role, "content": message.content}
+        if message.role == "tool":
+            turn = {**turn, "tool_call_id": message.tool_call_id} if tools else {"role": "user", "content": message.content}
+        elif tools and message.tool_calls:
+            calls = [  # a template takes arguments parsed: those that do not parse are left out
+                {"type": "function", "id": call.id, "function": {"name": call.name, "arguments": arguments}}
                 for call in message.tool_calls
+                if (arguments := call.parsed()) is not None
             ]
+            if calls:
+                turn["tool_calls"] = calls
         chat.append(turn)
     return chat

@@ -9,21 +9,26 @@ request's own sampling settings, ``logprobs``, ``tools`` and ``tool_choice`` go 
 the OpenAI API names them; the model's tool calls come back as
 :class:`~openai_miner.sources.base.ToolCallDelta` pieces, and its finish reason and usage (asked for
 on every stream) as the answer's :class:`~openai_miner.sources.base.Finish`.
+
+A streamed answer's events reach LangChain as the dicts their JSON is (:class:`RawChunks`): the
+SDK would build a pydantic ``ChatCompletionChunk`` for each, which LangChain turns straight back
+into a dict, about half of the CPU the path spent per token.
 """
 
 import argparse
 import asyncio
 import time
 import traceback
-from typing import Any, Sequence
+from typing import Any, Self, Sequence
 
 import bittensor as bt
 import openai
 from langchain_core.callbacks import AsyncCallbackHandler
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages.tool import invalid_tool_call, tool_call
 from langchain_openai import ChatOpenAI
-from pydantic import SecretStr
+from pydantic import SecretStr, model_validator
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -33,6 +38,7 @@ from tenacity import (
 )
 
 from openai_miner.config import at_least
+from openai_miner.messages import Message
 from openai_miner.sources.base import (
     DEFAULT_SAMPLING,
     Finish,
@@ -164,6 +170,46 @@ def request_options(sampling: Sampling) -> dict[str, Any]:
     return options
 
 
+class RawChunks:
+    """The SDK's ``chat.completions``, except that a stream yields each event's JSON as a dict.
+
+    The request is the SDK's own (client, auth, base URL, timeout, headers, status errors); only
+    the events are read as ``AsyncStream(cast_to=object)``, which the SDK hands over as parsed,
+    with everything else of its stream kept: ``[DONE]``, error events, the connection drained for
+    reuse and closed on exit. ``langchain_openai`` converts a dict chunk as it is (a model it
+    first ``model_dump()``s). Anything else (non-streamed answers, ``with_raw_response``) is the
+    SDK's, untouched.
+    """
+
+    def __init__(self, completions: Any, client: openai.AsyncOpenAI) -> None:
+        self._completions = completions
+        self._client = client
+
+    async def create(self, **payload: Any) -> Any:
+        answer = await self._completions.create(**payload)
+        if not isinstance(answer, openai.AsyncStream):
+            return answer
+        return openai.AsyncStream(cast_to=object, response=answer.response, client=self._client)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._completions, name)
+
+
+class StreamedChatOpenAI(ChatOpenAI):
+    """``ChatOpenAI`` whose streams skip the SDK's per-chunk objects (:class:`RawChunks`).
+
+    It relies on ``langchain_openai``'s ``_astream`` calling ``async_client.create`` and taking
+    dict chunks: ``tests/test_fast_path.py`` fails loudly if a release changes that, and
+    ``setup.cfg`` pins the range it was tested on.
+    """
+
+    @model_validator(mode="after")
+    def _raw_chunks(self) -> Self:
+        if self.async_client is not None and not isinstance(self.async_client, RawChunks):
+            self.async_client = RawChunks(self.async_client, self.root_async_client)
+        return self
+
+
 def chat_openai(
     *,
     model: str,
@@ -172,8 +218,8 @@ def chat_openai(
     temperature: float = 0.7,
     max_tokens: int | None = None,
     timeout: float | None = None,
-) -> ChatOpenAI:
-    """A streaming ``ChatOpenAI`` with its own HTTP client, so it is bound to no other event loop.
+) -> StreamedChatOpenAI:
+    """A streaming :class:`StreamedChatOpenAI` with its own HTTP client, so it is bound to no other event loop.
 
     The SDK's own retries are off: :class:`OpenAISource` retries, knowing the deadline. So is
     LangChain's per-chunk timer (120 s by default): every answer has a deadline far shorter, and
@@ -181,7 +227,7 @@ def chat_openai(
     path spends per token (measured on a 1,000-token answer). Every stream asks for its usage
     (``stream_options.include_usage``): the fronts report the upstream's own count.
     """
-    return ChatOpenAI(
+    return StreamedChatOpenAI(
         model=model,
         api_key=api_key if isinstance(api_key, SecretStr) else SecretStr(api_key or "EMPTY"),
         base_url=base_url,
@@ -248,6 +294,30 @@ def release(error: BaseException) -> None:
         cause = cause.__cause__ or cause.__context__
 
 
+def langchain_messages(messages: Sequence[Message]) -> list[BaseMessage]:
+    """The conversation as LangChain's classes, the one place they meet the package's own
+    :class:`~openai_miner.messages.Message`. A tool call whose arguments are no JSON object goes
+    on as an invalid call, its arguments as the model wrote them."""
+    chat: list[BaseMessage] = []
+    for message in messages:
+        if message.role == "system":
+            chat.append(SystemMessage(content=message.content))
+        elif message.role == "user":
+            chat.append(HumanMessage(content=message.content))
+        elif message.role == "tool":
+            chat.append(ToolMessage(content=message.content, tool_call_id=message.tool_call_id or ""))
+        else:
+            parsed = [(call, call.parsed()) for call in message.tool_calls]
+            chat.append(AIMessage(
+                content=message.content,
+                tool_calls=[tool_call(name=call.name, args=args, id=call.id) for call, args in parsed if args is not None],
+                invalid_tool_calls=[
+                    invalid_tool_call(name=call.name, args=call.arguments, id=call.id) for call, args in parsed if args is None
+                ],
+            ))
+    return chat
+
+
 class OpenAISource:
     """A :class:`~openai_miner.sources.base.TokenSource` over a LangChain chat model."""
 
@@ -291,11 +361,12 @@ class OpenAISource:
 
     async def produce(
         self,
-        messages: Sequence[BaseMessage],
+        messages: Sequence[Message],
         queue: "asyncio.Queue[Item]",
         deadline: float,
         sampling: Sampling = DEFAULT_SAMPLING,
     ) -> None:
+        chat = langchain_messages(messages)
         handler = QueueCallback(queue, logprobs=sampling.top_logprobs is not None)
         options = request_options(sampling)
 
@@ -323,7 +394,8 @@ class OpenAISource:
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self.model.ainvoke(list(messages), config={"callbacks": [handler]}, **options)
+                    async for _ in self.model.astream(chat, config={"callbacks": [handler]}, **options):
+                        pass  # the handler puts each chunk on the queue
         except (openai.OpenAIError, ValueError, TypeError, AttributeError, KeyError) as error:
             release(error)
             raise upstream_error(error) from error

@@ -3,8 +3,7 @@
 import asyncio
 from typing import Sequence
 
-from langchain_core.messages import BaseMessage
-
+from openai_miner.messages import Message
 from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling, Token, UpstreamError
 
 
@@ -22,19 +21,19 @@ class FakeSource:
     and how each answer ended (``finished``, ``cancelled``).
     """
 
-    name = "fake"
-
     def __init__(
         self,
         tokens: Sequence[str],
         interval: float = 0.0,
         *,
         fail_after: int | None = None,
+        name: str = "fake",
     ) -> None:
+        self.name = name  # what an answer's result names as its source: two fakes behind a fallback differ
         self.tokens = list(tokens)
         self.interval = interval
         self.fail_after = fail_after
-        self.seen: list[list[BaseMessage]] = []
+        self.seen: list[list[Message]] = []
         self.sampling: list[Sampling] = []
         self.cancelled = 0
         self.finished = 0
@@ -47,7 +46,7 @@ class FakeSource:
 
     async def produce(
         self,
-        messages: Sequence[BaseMessage],
+        messages: Sequence[Message],
         queue: "asyncio.Queue[str | Token]",
         deadline: float,
         sampling: Sampling = DEFAULT_SAMPLING,

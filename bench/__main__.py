@@ -58,13 +58,13 @@ def settings_of(args: argparse.Namespace) -> Settings:
 
 
 def run(settings: Settings, workdir: Path) -> dict:
-    from bench.serve import MinerProcess
+    from bench.serve import BenchServer
     from bench.upstream import UpstreamProcess
 
     upstream = UpstreamProcess(settings.tokens, settings.interval, workdir / "upstream.log")
-    miners: dict[str, MinerProcess] = {}
+    miners: dict[str, BenchServer] = {}
     try:
-        miners = {kind: MinerProcess(kind, upstream.base_url, workdir, settings.batch_size) for kind in KINDS}
+        miners = {kind: BenchServer(kind, upstream.base_url, workdir, settings.batch_size) for kind in KINDS}
         for miner in miners.values():
             miner.wait_ready()
         results = asyncio.run(Bench(settings, upstream, miners).everything())

@@ -27,7 +27,7 @@ import httpx
 from bittensor_wallet import Keypair
 
 from bench.record import Started, header, save
-from bench.serve import HTTP_KINDS, MinerProcess
+from bench.serve import HTTP_KINDS, BenchServer
 from bench.stats import RunSamples, analyse, median, ms_percentiles, pooled, ratio
 from bench.upstream import UpstreamProcess, words
 from bench.validators import prompt
@@ -68,7 +68,7 @@ async def ask(client: httpx.AsyncClient, port: int, marker: str) -> Answer:
 
 
 async def run_case(
-    kind: str, server: MinerProcess, clients: Clients, upstream: UpstreamProcess, k: int, label: str, tokens: int
+    kind: str, server: BenchServer, clients: Clients, upstream: UpstreamProcess, k: int, label: str, tokens: int
 ) -> dict[str, Any]:
     cpu = server.cpu_seconds()
     started = time.monotonic()
@@ -103,7 +103,7 @@ def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
 
-async def measure(args: argparse.Namespace, servers: dict[str, MinerProcess], upstream: UpstreamProcess) -> dict[str, Any]:
+async def measure(args: argparse.Namespace, servers: dict[str, BenchServer], upstream: UpstreamProcess) -> dict[str, Any]:
     clients = Clients(servers["http"].info["hotkey"])
     streams = sorted(set(args.streams))
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {kind: {k: [] for k in streams} for kind in HTTP_KINDS}
@@ -203,9 +203,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="openai-miner-bench-http-") as tmp:
         workdir = Path(tmp)
         upstream = UpstreamProcess(args.tokens, args.interval, workdir / "upstream.log")
-        servers: dict[str, MinerProcess] = {}
+        servers: dict[str, BenchServer] = {}
         try:
-            servers = {kind: MinerProcess(kind, upstream.base_url, workdir, args.batch_size) for kind in HTTP_KINDS}
+            servers = {kind: BenchServer(kind, upstream.base_url, workdir, args.batch_size) for kind in HTTP_KINDS}
             for server in servers.values():
                 server.wait_ready()
             figures = asyncio.run(measure(args, servers, upstream))

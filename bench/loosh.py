@@ -44,7 +44,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bench.record import Started, header, save
-from bench.serve import MinerProcess, announce, wait_listening
+from bench.serve import BenchServer, announce, wait_listening
 from bench.stats import median, ms_percentiles, ratio
 from bench.upstream import UpstreamProcess, words
 from bench.validators import prompt
@@ -207,8 +207,8 @@ def serve(kind: str, upstream: str, port: int, workdir: Path) -> None:
     os._exit(0)
 
 
-class ServerProcess(MinerProcess):
-    """``python -m bench.loosh --serve KIND``: :class:`bench.serve.MinerProcess`'s handle (ready
+class ServerProcess(BenchServer):
+    """``python -m bench.loosh --serve KIND``: :class:`bench.serve.BenchServer`'s handle (ready
     file, ``/proc`` figures, stop) on this module's servers."""
 
     def __init__(self, kind: str, upstream: str, workdir: Path) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench import procstat
-from bench.serve import KINDS, MinerProcess
+from bench.serve import KINDS, BenchServer
 from bench.stats import RunSamples, analyse, median, ms_percentiles, pooled, ratio, slope_per_1000
 from bench.upstream import UpstreamProcess, words
 from bench.validators import Validators
@@ -60,7 +60,7 @@ def log(message: str) -> None:
 
 class Bench:
     def __init__(
-        self, settings: Settings, upstream: UpstreamProcess, miners: dict[str, MinerProcess]
+        self, settings: Settings, upstream: UpstreamProcess, miners: dict[str, BenchServer]
     ) -> None:
         self.settings = settings
         self.upstream = upstream

@@ -7,7 +7,11 @@ listens, and serves until its stdin closes. The validators of the benchmark are 
 chain, so non-registered hotkeys are served (``--blacklist.allow_non_registered``): the
 blacklist and priority still run for every request, as they would for a registered validator.
 
-:class:`MinerProcess` is the benchmark's handle on it.
+:class:`BenchServer` is the benchmark's handle on it. Not the test kit's
+:class:`~openai_miner.testing.process.MinerProcess`, which runs the ``openai-miner`` command: here
+the miner, SN1's pattern (:mod:`bench.baseline`) and the pass-through are built alike, each in a
+child of the same shape, so that a comparison measures the servers and nothing of how they start
+(the command also logs at info level and freezes the collector).
 """
 
 import argparse
@@ -84,7 +88,7 @@ def serve(kind: str, upstream: str, port: int, workdir: Path, batch_size: int) -
     os._exit(0)  # the axon's uvicorn thread does not stop by itself
 
 
-class MinerProcess:
+class BenchServer:
     """Starts ``python -m bench.serve`` and reads its CPU time and memory from ``/proc``."""
 
     def __init__(self, kind: str, upstream: str, workdir: Path, batch_size: int) -> None:

@@ -9,8 +9,6 @@ steps are too small to run on several native threads, and it never aborted.
 
 import asyncio
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -19,48 +17,23 @@ import pytest
 
 from openai_miner.sources.local_model import default_model
 from openai_miner.testing.localnet import OPEN_TO_ALL, axon_info, free_port, miner_argv
+from openai_miner.testing.process import MinerProcess
 from openai_miner.testing.validator import ask
 from tests.helpers import cli_env
 
-MINER_CLI = str(Path(sys.executable).with_name("openai-miner"))
+def local_miner(tmp_path: Path, model: str, *extra: str) -> MinerProcess:
+    """The real command, answering from the local model, one token a chunk."""
+    argv = miner_argv(
+        tmp_path / "wallets", free_port(), *OPEN_TO_ALL, "--fallback.model", model, "--fallback.device", "cpu",
+        "--neuron.streaming_batch_size", "1", *extra,
+    )
+    return MinerProcess(argv, env=cli_env(tmp_path), cwd=tmp_path, start_timeout=300)
 
 
-class Miner:
-    """The real command, answering from the local model; its output read in a thread, so that it
-    never blocks on a full pipe and the test can wait for its summary line."""
-
-    def __init__(self, tmp_path: Path, model: str, *extra: str) -> None:
-        self.port = free_port()
-        self.wallets = tmp_path / "wallets"
-        argv = miner_argv(
-            self.wallets, self.port, *OPEN_TO_ALL, "--fallback.model", model, "--fallback.device", "cpu",
-            "--neuron.streaming_batch_size", "1", *extra,
-        )
-        self.process = subprocess.Popen(
-            [MINER_CLI, *argv], cwd=tmp_path, env=cli_env(tmp_path), text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        self.output: list[str] = []
-        self.serving = threading.Event()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.output.append(line)
-            if line.startswith("openai-miner |"):
-                self.serving.set()
-        self.serving.set()  # ended without serving: the test fails on its exit, with its output
-
-    def printed(self) -> str:
-        self.reader.join(timeout=10)
-        return "".join(self.output)
-
-
-async def stop_at_first_chunk(miner: Miner) -> None:
+async def stop_at_first_chunk(miner: MinerProcess, wallets: Path) -> None:
     """Ask for a long answer and send SIGTERM (once) as its first chunk arrives."""
-    wallet = bt.Wallet(name="miner", hotkey="default", path=str(miner.wallets))
-    axon = axon_info(miner.port, wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address)
+    coldkey = bt.Wallet(name="miner", hotkey="default", path=str(wallets)).coldkeypub.ss58_address
+    axon = axon_info(miner.ports["axon"], miner.hotkey, coldkey)
     sent = threading.Event()
 
     def on_chunk(_: str) -> None:
@@ -77,15 +50,13 @@ async def stop_at_first_chunk(miner: Miner) -> None:
 @pytest.mark.skipif(default_model() is None, reason="the default model's package is not installed")
 def test_a_stop_while_the_local_model_generates_is_clean(tmp_path: Path) -> None:
     # Two threads per step, as on any machine with three cores or more.
-    miner = Miner(tmp_path, default_model(), "--fallback.max_new_tokens", "4000", "--fallback.threads", "2")
+    miner = local_miner(tmp_path, default_model(), "--fallback.max_new_tokens", "4000", "--fallback.threads", "2")
     try:
-        miner.serving.wait(timeout=300)
-        assert miner.process.poll() is None, miner.printed()[-3000:]
-        asyncio.run(stop_at_first_chunk(miner))
+        miner.start().wait_serving()
+        asyncio.run(stop_at_first_chunk(miner, tmp_path / "wallets"))
         code = miner.process.wait(timeout=60)
     finally:
-        if miner.process.poll() is None:
-            miner.process.kill()
-    printed = miner.printed()
+        miner.stop()  # all it printed; a kill if the stop above hung
+    printed = miner.log
     assert "terminate called" not in printed and "Traceback" not in printed, printed[-3000:]
     assert code == 0 and "openai-miner: stopped after" in printed, printed[-3000:]

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
 Role = Literal["system", "user", "assistant", "tool"]
-ROLES: tuple[Role, ...] = ("system", "user", "assistant", "tool")
+ROLES: dict[str, Role] = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+"""A request's role names, each the :data:`Role` it is."""
 
 
 @dataclass(frozen=True)
@@ -159,12 +160,12 @@ def to_chat_messages(
         raise InvalidPrompt(f"prompt of {total} characters is over this miner's limit of {max_chars}")
     chat: list[Message] = []
     for index, (role, content) in enumerate(zip(roles, messages)):
-        known = role.strip(SPACES).lower() if isinstance(role, str) else None
-        if known not in ROLES:
+        known = ROLES.get(role.strip(SPACES).lower()) if isinstance(role, str) else None
+        if known is None:
             raise InvalidPrompt(
                 f"message {index} has unknown role {shown(role)}; expected one of {', '.join(ROLES)}"
             )
-        message = _message(known, content, extras[index] if extras else {}, index)  # type: ignore[arg-type]
+        message = _message(known, content, extras[index] if extras else {}, index)
         total += sum(len(call.arguments) for call in message.tool_calls)
         if total > max_chars:
             raise InvalidPrompt(f"prompt of over {max_chars} characters with its tool calls' arguments")

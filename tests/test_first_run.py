@@ -138,6 +138,19 @@ def test_the_version_and_the_package_import_nothing_heavy() -> None:
     assert done.stdout.strip() == f"0 openai-miner {__version__} []", done.stdout + done.stderr
 
 
+def test_the_help_loads_no_model_library() -> None:
+    # the local model's libraries load with the model, never to print the options
+    probe = (
+        "import contextlib, io, sys, openai_miner.cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+        "    openai_miner.cli.main(['--help'])\n"
+        "print(out.getvalue().startswith('usage: openai-miner'), "
+        "sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'llama_cpp'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True []", done.stdout + done.stderr
+
+
 def test_the_package_names_load_on_first_use() -> None:
     import openai_miner
     from openai_miner.base import Miner

@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from openai_miner.sources.base import Answering
 from openai_miner.streaming import stream_answer, stream_deadline
 from openai_miner.testing.fake_source import FakeSource
 from tests.helpers import Recorder, far
@@ -27,6 +28,18 @@ async def test_multibyte_and_newlines_pass_through() -> None:
     send = Recorder()
     await stream_answer(FakeSource(tokens), [], send.emit, batch_size=2, deadline=far())
     assert send.text == "é\n日本\n\n🙂"
+
+
+async def test_the_result_names_the_source_that_answered_never_sending_the_name() -> None:
+    class HandsOver(FakeSource):
+        async def produce(self, messages, queue, deadline, sampling) -> None:
+            queue.put_nowait(Answering("local"))
+            await super().produce(messages, queue, deadline, sampling)
+
+    send = Recorder()
+    asked = await stream_answer(FakeSource(["a"], name="upstream"), [], send.emit, batch_size=1, deadline=far())
+    handed = await stream_answer(HandsOver(["b"], name="fallback"), [], send.emit, batch_size=1, deadline=far())
+    assert (asked.source, handed.source) == ("upstream", "local") and send.text == "ab"
 
 
 async def test_deadline_flushes_buffer_and_cancels_source() -> None:

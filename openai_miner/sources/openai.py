@@ -1,7 +1,7 @@
 """Tokens from any OpenAI-compatible chat model, through LangChain's ``ChatOpenAI``.
 
-The model streams; a LangChain async callback handler puts each token on the drain's queue as it
-arrives. Transient upstream errors (429, 5xx, timeouts, refused connections) are retried by
+The model streams; each chunk ``astream`` yields goes on the drain's queue as it arrives
+(:class:`QueueWriter`). Transient upstream errors (429, 5xx, timeouts, refused connections) are retried by
 ``tenacity``, but only before the first token (a retry after it would repeat text) and only while
 the next attempt can still start before the request's deadline; ``Retry-After`` is honoured. A
 refused prompt (400, 413, 422) or an empty answer is a :class:`NoAnswer`, not an outage. A

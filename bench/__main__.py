@@ -20,7 +20,7 @@ from bench.report import markdown
 
 SMOKE = Settings(
     streams=(1, 4), tokens=12, interval=0.002, repeats=1, single_runs=3,
-    throughput_tokens=24, soak=20, soak_every=10, soak_warmup=2,
+    throughput_tokens=(24,), soak=20, soak_every=10, soak_warmup=2,
 )
 
 
@@ -33,15 +33,15 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="tokens per chunk (the miners' flag)")
     parser.add_argument("--repeats", type=int, default=d.repeats, help="runs of each case")
     parser.add_argument("--single-runs", type=int, default=d.single_runs, help="runs at 1 stream (TTFC samples)")
-    parser.add_argument("--throughput-tokens", type=int, default=d.throughput_tokens,
-                        help="tokens per answer in the throughput case (interval 0, largest --streams)")
+    parser.add_argument("--throughput-tokens", type=int, nargs="+", default=list(d.throughput_tokens),
+                        help="tokens per answer in the throughput cases (interval 0, largest --streams)")
     parser.add_argument("--soak", type=int, default=d.soak, help="sequential requests for RSS growth (0: skip)")
     parser.add_argument("--soak-every", type=int, default=d.soak_every, help="read RSS every N soak requests")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output directory")
     parser.add_argument("--smoke", action="store_true", help="tiny, fast configuration for CI (overrides the rest)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = parser.parse_args(argv)
-    if any(k < 1 for k in args.streams) or args.tokens < 1 or args.repeats < 1 or args.interval < 0:
+    if any(k < 1 for k in args.streams + args.throughput_tokens) or args.tokens < 1 or args.repeats < 1 or args.interval < 0:
         parser.error("streams, tokens and repeats must be positive, interval not negative")
     return args
 
@@ -53,7 +53,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
         Settings(),
         streams=tuple(sorted(set(args.streams))), tokens=args.tokens, interval=args.interval,
         batch_size=args.batch_size, repeats=args.repeats, single_runs=args.single_runs,
-        throughput_tokens=args.throughput_tokens, soak=args.soak, soak_every=args.soak_every,
+        throughput_tokens=tuple(sorted(set(args.throughput_tokens))), soak=args.soak, soak_every=args.soak_every,
     )
 
 

@@ -31,6 +31,7 @@ from openai_miner.fronts import axon
 from openai_miner.fronts.axon import StreamingResponse
 from openai_miner.miner import OpenAIMiner
 from openai_miner.protocol import StreamPromptingSynapse
+from openai_miner.sources.openai import langchain_messages
 
 
 class BaselineMiner(OpenAIMiner):
@@ -52,7 +53,7 @@ class BaselineMiner(OpenAIMiner):
         self.chain: Runnable = model | StrOutputParser()
 
     def forward(self, synapse: StreamPromptingSynapse) -> StreamingResponse:
-        messages = axon.question(self.core, synapse).messages
+        messages = langchain_messages(axon.question(self.core, synapse).messages)
         batch_size = self.config.neuron.streaming_batch_size
         init_time = time.time()
         timeout_threshold = synapse.timeout or 12.0

@@ -4,7 +4,12 @@
   every ``--soak-every``;
 * concurrency: ``k`` validators ask at once, for each ``k`` of ``--streams``, ``--repeats`` times
   (``--single-runs`` times for ``k`` = 1, whose TTFC p99 needs samples);
-* throughput: the largest ``k`` with the upstream writing as fast as it can (interval 0).
+* throughput: the largest ``k`` with the upstream writing as fast as it can (interval 0), for
+  each answer length of ``--throughput-tokens``.
+
+Three servers: this miner, a thin reference (:mod:`bench.thin`: the upstream's SSE parsed by hand
+on the same axon; this miner's tokens/s over its own is the headline figure) and SN1's pattern
+(:mod:`bench.baseline`).
 
 Latency percentiles pool every sample of every run of a case; wall time, tokens/s and CPU are
 medians over its runs. A miner's CPU time and RSS come from ``/proc`` of its own process.
@@ -33,7 +38,7 @@ class Settings:
     batch_size: int = 12
     repeats: int = 3
     single_runs: int = 100  # the 1-stream TTFC p99 needs samples
-    throughput_tokens: int = 200
+    throughput_tokens: tuple[int, ...] = (200, 600)
     soak: int = 2000
     soak_every: int = 100
     soak_warmup: int = 50
@@ -115,16 +120,17 @@ class Bench:
                         log(f"  {kind:8} {k:4} streams, run {repeat + 1}: {run.wall:.3f}s")
         return runs
 
-    async def throughput(self) -> dict[str, list[Run]]:
+    async def throughput(self) -> dict[str, dict[int, list[Run]]]:
         s = self.settings
         streams = max(s.streams)
-        self.upstream.configure(s.throughput_tokens, 0.0)
-        runs: dict[str, list[Run]] = {kind: [] for kind in KINDS}
-        for repeat in range(s.repeats):
-            for kind in KINDS:
-                run = await self.run(kind, streams, f"{kind}-tput-r{repeat}", s.throughput_tokens, 0.0)
-                runs[kind].append(run)
-                log(f"  {kind:8} throughput run {repeat + 1}: {run.samples.tokens / run.wall:,.0f} tokens/s")
+        runs: dict[str, dict[int, list[Run]]] = {kind: {n: [] for n in s.throughput_tokens} for kind in KINDS}
+        for tokens in s.throughput_tokens:
+            self.upstream.configure(tokens, 0.0)
+            for repeat in range(s.repeats):
+                for kind in KINDS:
+                    run = await self.run(kind, streams, f"{kind}-tput{tokens}-r{repeat}", tokens, 0.0)
+                    runs[kind][tokens].append(run)
+                    log(f"  {kind:8} throughput, {tokens} tokens, run {repeat + 1}: {run.samples.tokens / run.wall:,.0f} tokens/s")
         return runs
 
     async def soak(self, kind: str) -> dict[str, Any]:
@@ -227,7 +233,7 @@ def summarise_runs(runs: list[Run], reference_wall: float | None) -> dict[str, A
 def summarise(
     settings: Settings,
     concurrency: dict[str, dict[int, list[Run]]],
-    throughput: dict[str, list[Run]],
+    throughput: dict[str, dict[int, list[Run]]],
     soak: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     reference = min(settings.streams)
@@ -238,14 +244,34 @@ def summarise(
             "concurrency": {
                 str(k): summarise_runs(runs, reference_wall) for k, runs in concurrency[kind].items()
             },
-            "throughput": summarise_runs(throughput[kind], None),
+            "throughput": {str(n): summarise_runs(runs, None) for n, runs in throughput[kind].items()},
             "soak": soak.get(kind),
         }
     return {
-        "settings": {**settings.__dict__, "streams": list(settings.streams), "reference_streams": reference},
+        "settings": {
+            **settings.__dict__, "streams": list(settings.streams), "throughput_tokens": list(settings.throughput_tokens),
+            "reference_streams": reference,
+        },
         "kinds": kinds,
+        "miner_over_thin": over_thin(kinds),
         "baseline_over_miner": compare(kinds),
-        "targets": targets(kinds["miner"], reference),
+        "targets": targets(kinds, reference),
+    }
+
+
+def over_thin(kinds: dict[str, Any]) -> dict[str, Any]:
+    """This miner's figure over the thin reference's: tokens/s at each answer length (the
+    headline: 1.0 is the reference's speed), CPU per token, and wall time at each ``k``."""
+    miner, thin = kinds["miner"], kinds["thin"]
+    return {
+        "throughput": {
+            n: {
+                "tokens_per_s": _round(ratio(case["tokens_per_s"], thin["throughput"][n]["tokens_per_s"])),
+                "cpu_s_per_1k_tokens": _round(ratio(case["cpu_s_per_1k_tokens"], thin["throughput"][n]["cpu_s_per_1k_tokens"])),
+            }
+            for n, case in miner["throughput"].items()
+        },
+        "wall": {k: _round(ratio(case["wall_s"], thin["concurrency"][k]["wall_s"])) for k, case in miner["concurrency"].items()},
     }
 
 
@@ -270,15 +296,20 @@ def compare(kinds: dict[str, Any]) -> dict[str, Any]:
             "wall": pair(lambda side: c(side)["wall_s"]),
             "cpu_s_per_1k_tokens": pair(lambda side: c(side)["cpu_s_per_1k_tokens"]),
         }
-    out["throughput_tokens_per_s_miner_over_baseline"] = _round(
-        ratio(kinds["miner"]["throughput"]["tokens_per_s"], kinds["baseline"]["throughput"]["tokens_per_s"]), 2
-    )
+    out["throughput_tokens_per_s_miner_over_baseline"] = {
+        n: _round(ratio(case["tokens_per_s"], kinds["baseline"]["throughput"][n]["tokens_per_s"]), 2)
+        for n, case in kinds["miner"]["throughput"].items()
+    }
     return out
 
 
-def targets(miner: dict[str, Any], reference: int) -> list[dict[str, Any]]:
-    """The issue's targets against this miner's figures; ``met`` is None when not measured."""
+def targets(kinds: dict[str, Any], reference: int) -> list[dict[str, Any]]:
+    """The issues' targets against this miner's figures; ``met`` is None when not measured."""
+    miner = kinds["miner"]
     concurrency = miner["concurrency"]
+    throughput = miner["throughput"]
+    shortest, longest = min(throughput, key=int), max(throughput, key=int)
+    thin = over_thin(kinds)["throughput"]
     one = concurrency.get("1", {})
     thirty_two = concurrency.get("32", {})
     soak = miner.get("soak") or {}
@@ -288,11 +319,22 @@ def targets(miner: dict[str, Any], reference: int) -> list[dict[str, Any]]:
         return {"target": name, "value": value, "limit": limit, "met": met}
 
     return [
-        check("added TTFC p50 at 1 stream (ms) <= 5", one.get("added_ttfc_ms", {}).get("p50"), 5.0),
+        check("added TTFC p50 at 1 stream (ms) <= 2", one.get("added_ttfc_ms", {}).get("p50"), 2.0),
         check("added TTFC p99 at 1 stream (ms) <= 25", one.get("added_ttfc_ms", {}).get("p99"), 25.0),
         check("per-chunk added p50 at 1 stream (ms) <= 2", one.get("chunk_added_ms", {}).get("p50"), 2.0),
         check("wall at 32 streams / 1 stream <= 1.3", thirty_two.get("concurrency_ratio"), 1.3),
-        check("streamed tokens/s through one miner >= 5000", miner["throughput"]["tokens_per_s"], 5000.0, at_least=True),
+        check(
+            f"streamed tokens/s through one miner, {shortest} tokens an answer >= 5000",
+            throughput[shortest]["tokens_per_s"], 5000.0, at_least=True,
+        ),
+        check(
+            f"tokens/s over the thin reference's, {longest} tokens an answer >= 0.6",
+            thin[longest]["tokens_per_s"], 0.6, at_least=True,
+        ),
+        check(
+            f"miner CPU per token, {shortest} tokens an answer (ms) <= 0.08",
+            throughput[shortest]["cpu_s_per_1k_tokens"], 0.08,
+        ),
         check(
             "RSS slope over the 2nd half of the soak (MB / 1k requests) <= 1",
             soak.get("slope_mb_per_1k_requests_second_half"), 1.0,

@@ -1,11 +1,11 @@
-"""The plot: added TTFC and concurrency ratio against concurrent streams, this miner vs baseline."""
+"""The plot: added TTFC and concurrency ratio against concurrent streams, this miner vs the references."""
 
 import io
 from pathlib import Path
 from typing import Any
 
-LABELS = {"miner": "openai-miner", "baseline": "SN1 pattern (sync iterator)"}
-COLOURS = {"miner": "tab:blue", "baseline": "tab:red"}
+LABELS = {"miner": "openai-miner", "thin": "thin reference (SSE by hand)", "baseline": "SN1 pattern (sync iterator)"}
+COLOURS = {"miner": "tab:blue", "thin": "tab:green", "baseline": "tab:red"}
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

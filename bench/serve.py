@@ -1,6 +1,6 @@
 """One miner in its own process, so its CPU time and memory are its own.
 
-``python -m bench.serve --kind miner|baseline --upstream URL --port P --workdir DIR`` builds the
+``python -m bench.serve --kind miner|thin|baseline --upstream URL --port P --workdir DIR`` builds the
 miner on a mock chain of its own (MockSubtensor state is per process), serves a real axon on
 127.0.0.1:P, writes ``{"pid", "port", "hotkey", "coldkey"}`` to ``DIR/<kind>.ready`` once it
 listens, and serves until its stdin closes. The validators of the benchmark are not on that
@@ -25,7 +25,7 @@ from pathlib import Path
 from bench import procstat
 from openai_miner.testing.localnet import OPEN_TO_ALL, axon_info, free_port, miner_argv, offline_ip
 
-KINDS = ("miner", "baseline")  # on the axon: this project's miner and SN1's pattern
+KINDS = ("miner", "thin", "baseline")  # on the axon: this project's miner, a thin reference, SN1's pattern
 HTTP_KINDS = ("http", "passthrough")  # over HTTP: the miner's HTTP front and a thin pass-through
 
 
@@ -34,6 +34,8 @@ def build(kind: str, upstream: str, port: int, workdir: Path, batch_size: int):
 
     if kind == "baseline":
         from bench.baseline import BaselineMiner as cls
+    elif kind == "thin":
+        from bench.thin import ThinMiner as cls
     else:
         cls = OpenAIMiner
     front = ["--axon.off", "--http.port", str(port)] if kind == "http" else []

@@ -18,7 +18,7 @@ import yaml
 from langchain_openai import ChatOpenAI
 
 from openai_miner.messages import Message
-from openai_miner.sources.base import Finish, Item, Sampling, UpstreamError
+from openai_miner.sources.base import DEFAULT_SAMPLING, Finish, Item, Sampling, UpstreamError
 from openai_miner.sources.openai import OpenAISource, RawChunks, StreamedChatOpenAI, chat_openai
 from openai_miner.testing.upstream import Fault, LoopbackUpstream, ToolCall
 from tests.cassettes import CASSETTES, json_body
@@ -38,7 +38,7 @@ def both(base_url: str, **settings) -> dict[str, ChatOpenAI]:
 
 
 async def answer(
-    model: ChatOpenAI, messages: list[Message] = MESSAGES, sampling: Sampling = Sampling()
+    model: ChatOpenAI, messages: list[Message] = MESSAGES, sampling: Sampling = DEFAULT_SAMPLING
 ) -> tuple[list[Item], str | None]:
     """Everything ``produce`` put on the queue, and the error it raised (class and message)."""
     queue: asyncio.Queue[Item] = asyncio.Queue()

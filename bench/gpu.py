@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from langchain_core.messages import HumanMessage
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from openai_miner.messages import Message
 from openai_miner.sources.base import Sampling
 from openai_miner.sources.local import LocalSource
 from openai_miner.sources.local_model import default_model
@@ -57,7 +57,7 @@ async def throughput(local: LocalSource, batch: int, tokens: int) -> dict[str, A
     sampling = Sampling(max_tokens=tokens)
     started = time.monotonic()
     await asyncio.gather(
-        *(local.produce([HumanMessage(f"Tell story number {i}.")], q, time.monotonic() + 300, sampling) for i, q in enumerate(queues))
+        *(local.produce([Message("user", f"Tell story number {i}.")], q, time.monotonic() + 300, sampling) for i, q in enumerate(queues))
     )
     wall = time.monotonic() - started
     produced = sum(q.qsize() for q in queues)

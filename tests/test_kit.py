@@ -8,12 +8,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import httpx
 import pytest
 
 import openai_miner.testing as kit
 from openai_miner.testing import (
     OPEN_TO_ALL,
     LoopbackUpstream,
+    LooshValidator,
     MinerFailed,
     MinerProcess,
     ask_http,
@@ -24,7 +26,9 @@ from openai_miner.testing import (
     signing_client,
     sse_event,
     sse_events,
+    ToolCall,
 )
+from openai_miner.testing.upstream import completion_tokens, usage
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -90,3 +94,35 @@ def test_the_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert example, "README's test-kit section has no python example"
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its throwaway home, cleaned with the test's
     exec(compile(example[1], "README.md (the test kit)", "exec"), {"__name__": "readme_example"})
+
+
+async def test_an_sn78_validator_gets_text_tool_calls_and_usage_through_the_real_command(tmp_path: Path) -> None:
+    """What issue 22 promised an SN78 validator: ``openai-miner --mock --loosh.port P``, asked as Loosh's
+    validator asks (handshake, Fernet challenge with tools), answers with the upstream's text, its tool
+    call's arguments byte for byte, the finish reason and the upstream's usage."""
+    wallets, port = tmp_path / "wallets", free_port()
+    validator, _ = make_wallet(wallets, "validator"), make_wallet(wallets, "miner")
+    call = ToolCall("weather", ('{"city":', ' "Par', 'is"}'), id="call_sn78")
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    with LoopbackUpstream(tokens=["Let", " me", " look."], tool_calls=[call]) as upstream:
+        argv = miner_argv(
+            wallets, free_port(), "--axon.off", "--loosh.port", str(port),
+            "--openai.base_url", upstream.base_url, "--fallback.off", *OPEN_TO_ALL,
+        )
+        with MinerProcess(argv, env=miner_env(tmp_path), cwd=tmp_path) as process:
+            assert process.ports == {"loosh": port}
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                asker = LooshValidator(validator.hotkey, client)
+                assert await asker.available()
+                reply = await asker.ask({"prompt": "weather in Paris?", "tools": tools, "tool_choice": "auto",
+                                         "max_tokens": 256, "correlation_id": "c-e2e"})
+            sent = upstream.requests[0].body
+    assert reply.ok, reply
+    assert reply.answer["response_text"] == "Let me look." and reply.answer["finish_reason"] == "tool_calls"
+    assert reply.answer["correlation_id"] == "c-e2e"
+    assert reply.tool_calls == [
+        {"id": "call_sn78", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    ]
+    assert reply.usage == usage(sent, completion_tokens(["Let", " me", " look."], [call]))
+    assert sent["tools"] == tools and sent["tool_choice"] == "auto"
+    assert process.returncode == 0

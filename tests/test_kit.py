@@ -1,7 +1,6 @@
 """The test kit as a subnet author meets it: one import, the real command in a child process, the
 SSE reader, and README's example, run here so that it cannot rot."""
 
-import asyncio
 import re
 import subprocess
 import sys

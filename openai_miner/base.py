@@ -11,10 +11,8 @@ annotation objects of ``forward``/``blacklist``/``priority``.
 
 import abc
 import argparse
-import logging
 import threading
 import typing
-from pathlib import Path
 from typing import ClassVar, Mapping, Sequence
 
 import bittensor as bt
@@ -40,6 +38,7 @@ from openai_miner.config import (
 )
 from openai_miner.fronts.axon import AxonGate, StreamingResponse, chain_identity
 from openai_miner.fronts.base import Front, discover, unique
+from openai_miner.logs import setup as label_own_lines
 from openai_miner.protocol import StreamPromptingSynapse
 from openai_miner.serving import Servers, StopRequest, harden, places_per_front, raise_file_limit
 from openai_miner.startup import (
@@ -50,24 +49,6 @@ from openai_miner.startup import (
     require_wallet,
     wait_port,
 )
-
-
-class OwnLines(logging.Filter):
-    """bittensor's debug format labels every line ``bittensor:<file>``, the miner's own lines too
-    (``bittensor:miner.py``): lines logged from this package are labelled ``openai_miner`` instead."""
-
-    PACKAGE = str(Path(__file__).resolve().parent)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.pathname.startswith(self.PACKAGE):
-            record.name = "openai_miner"
-        return True
-
-
-def label_own_lines() -> None:
-    logger = logging.getLogger("bittensor")
-    if not any(isinstance(existing, OwnLines) for existing in logger.filters):
-        logger.addFilter(OwnLines())
 
 
 class Miner(abc.ABC):
@@ -86,9 +67,9 @@ class Miner(abc.ABC):
         axon: bt.Axon | None = None,
     ) -> None:
         self.config = config if config is not None else type(self).config()
+        label_own_lines()  # first: setting the level logs bittensor's notes, which it drops
         if self.config.get("logging"):
             bt.logging.set_config(self.config.logging)
-        label_own_lines()
         netuid = self.config.netuid
         self.wallet = wallet or bt.Wallet(config=self.config)
         if self.config.mock:

@@ -18,6 +18,9 @@ Start-up fails loudly, with the reason and the fix, before serving anything. Exi
 
 ``openai-miner demo`` uses the same codes, with 1 also meaning that a validator got no answer.
 
+The run logs to one stream, stdout (:mod:`openai_miner.logs`): its log, its summary line and its
+stop line; only the message of a failure to start goes to stderr.
+
 The miner's modules (bittensor, uvicorn, LangChain: seconds to import on a small machine) load
 inside :func:`main`, so that ``openai-miner --version`` answers at once.
 """
@@ -105,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from openai_miner import demo
 
         return demo.main(args[1:])
+    from openai_miner import logs
     from openai_miner.config import ConfigError
     from openai_miner.miner import OpenAIMiner
     from openai_miner.startup import StartupError
@@ -130,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if miner is not None and not miner.is_running:
             miner.stop_run_thread()
     try:  # from here a stop signal, however early, is a clean stop
-        print(summary(miner), flush=True)
+        logs.say(summary(miner))  # whole, on the log's stream: never merged with a line logged meanwhile
         # Start-up objects (bittensor, torch, the model) never die: keep them out of full collections,
         # which otherwise stall every stream for 100-150 ms every ~130 requests (measured in bench/).
         gc.freeze()
@@ -139,14 +143,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     finally:
         miner.stop_run_thread()
-        print(stopped(miner), file=sys.stderr, flush=True)
+        logs.say(stopped(miner))
     if signals.received:
         return 0
     # keep_synced returns only when the miner itself asked to stop
-    print(
+    logs.say(
         "openai-miner: stopped by the miner itself (--neuron.stop_on_forward_exception after a failed "
-        "answer; see the log above)",
-        file=sys.stderr,
+        "answer; see the log above)"
     )
     return 1
 

@@ -19,8 +19,10 @@ from openai_miner.access import Access
 from openai_miner.config import add_bool, at_least
 from openai_miner.messages import InvalidPrompt, Message, to_chat_messages
 from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling, TokenSource
+from openai_miner.sources.fallback import FallbackSource
 from openai_miner.streaming import Emit, Outcome, StreamResult, stream_answer, stream_deadline
 from openai_miner.system_prompts import SystemPrompts
+from openai_miner.tally import Tally
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +46,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--neuron.max_messages", type=at_least(1), default=1024,
         help="Refuse conversations of more messages than this (each costs time on the event loop).",
     )
+    add_bool(
+        parser, "--neuron.log_answers", default=True,
+        help="Log one line per answer at the default level (front, caller, source, tokens, time to first "
+        "chunk, outcome); off for a busy miner, which still logs a summary of its answers every minute.",
+    )
 
 
 class Refused(Exception):
@@ -65,6 +72,7 @@ class Question:
     hotkey: str | None = None
     sampling: Sampling = DEFAULT_SAMPLING
     batch_size: int | None = None  # tokens per emitted batch; None: the miner's --neuron.streaming_batch_size
+    front: str | None = None  # the front that asked (its name), for the answer's log line
 
 
 @dataclass
@@ -118,6 +126,8 @@ class Core:
         max_prompt_chars: int = 100_000,
         max_messages: int = 1024,
         on_failure: Callable[[], None] | None = None,
+        log_answers: bool = True,
+        tally: Tally | None = None,
     ) -> None:
         self.source = source
         self.access = access
@@ -127,7 +137,9 @@ class Core:
         self.max_prompt_chars = max_prompt_chars
         self.max_messages = max_messages
         self.on_failure = on_failure
+        self.log_answers = log_answers
         self.stats = Stats()
+        self.tally = tally or Tally(fallback=fallback_name(source))
 
     @classmethod
     def from_config(
@@ -146,6 +158,7 @@ class Core:
             max_prompt_chars=neuron.max_prompt_chars,
             max_messages=neuron.max_messages,
             on_failure=on_failure if neuron.stop_on_forward_exception else None,
+            log_answers=neuron.log_answers,
         )
 
     def chat(
@@ -184,6 +197,7 @@ class Core:
         extras: Sequence[Mapping[str, Any]] = (),
         batch_size: int | None = None,
         invalid: str = "invalid prompt",
+        front: str | None = None,
     ) -> Question:
         """A proven caller's request as a :class:`Question`: the steps every front takes once the
         signature (or the decryption) showed who asks, in one place so that they cannot drift apart:
@@ -200,7 +214,7 @@ class Core:
             messages = self.chat(roles, contents, task, templated=templated, extras=extras)
         except InvalidPrompt as why:
             raise Refused(400, f"{invalid}: {why}") from None
-        return Question(messages, self.deadline(timeout, arrived), hotkey, sampling, batch_size=batch_size)
+        return Question(messages, self.deadline(timeout, arrived), hotkey, sampling, batch_size=batch_size, front=front)
 
     def deadline(self, timeout: float | None, arrived: float | None = None) -> float:
         """When to stop sending an answer to a request that arrived at ``arrived`` (default: now)."""
@@ -210,28 +224,43 @@ class Core:
 
     async def answer(self, question: Question, emit: Emit) -> StreamResult:
         """Stream the source's answer through the drain to ``emit``, then log and count it."""
+        started = time.monotonic()
         result = await stream_answer(
             self.source, question.messages, emit,
             batch_size=question.batch_size or self.batch_size,
             deadline=question.deadline,
             sampling=question.sampling,
         )
-        self.report(result, question.hotkey)
+        self.report(result, question, time.monotonic() - started)
         return result
 
-    def report(self, result: StreamResult, hotkey: str | None) -> None:
-        """One log line per answer; an error is a warning, and may stop the miner if configured."""
+    def report(self, result: StreamResult, question: Question, duration: float) -> None:
+        """One log line per answer (info, or debug under ``--no-neuron.log_answers``; no prompt in
+        it); an error is a warning, and may stop the miner if configured."""
         self.stats.count(result)
-        who = hotkey[:10] if hotkey else "local"
-        line = f"{who}: {result.tokens} tokens in {result.sends} chunks via {result.source} ({result.outcome})"
+        self.tally.count(result, duration)
+        who = question.hotkey[:10] if question.hotkey else "local"
+        first = "-" if result.first_chunk is None else f"{result.first_chunk:.2f}s"
+        line = (
+            f"{question.front or 'core'} {who}: {result.tokens} tokens in {result.sends} chunks via "
+            f"{result.source} ({result.outcome}), first chunk {first}, {duration:.2f}s"
+        )
         if result.outcome == "deadline" and result.tokens == 0:
             bt.logging.warning(f"{line}: nothing arrived from the model before the deadline")
             return
         if result.outcome != "error":
-            bt.logging.debug(line)
+            (bt.logging.info if self.log_answers else bt.logging.debug)(line)
             return
         when = "before the first token" if result.tokens == 0 else "mid-stream"
         bt.logging.warning(f"{line}: upstream failed {when}: {result.error}")
         if self.on_failure is not None:
             bt.logging.error("stopping: --neuron.stop_on_forward_exception is set")
             self.on_failure()
+
+
+def fallback_name(source: TokenSource) -> str | None:
+    """The source that answers when the upstream fails, when ``source`` has both; its share of the
+    answers is the summary's fallback share."""
+    if isinstance(source, FallbackSource) and source.primary is not None and source.local is not None:
+        return source.local.name
+    return None

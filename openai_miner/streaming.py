@@ -65,6 +65,8 @@ class StreamResult:
     (``"tool_calls"`` when it called a tool and did not say), else ``None``: the front words
     a cut-short answer itself. ``usage`` is the source's count, when it gave one. ``source`` names
     the source that answered (or failed to), e.g. ``"openai"`` or ``"local"`` behind the fallback.
+    ``first_chunk``: seconds from the drain's start to the first batch handed to the caller
+    (``None``: none was), what a validator's time-to-first-token sees of the miner.
     """
 
     outcome: Outcome
@@ -74,6 +76,7 @@ class StreamResult:
     error: BaseException | None = None
     finish_reason: str | None = None
     usage: Usage | None = None
+    first_chunk: float | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,7 @@ async def stream_answer(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    started = time.monotonic()
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[object] = asyncio.Queue()
 
@@ -132,12 +136,15 @@ async def stream_answer(
     finish = Finish()
     called = False
     answering = source.name
+    first_chunk: float | None = None
 
     async def flush() -> None:
-        nonlocal sends
+        nonlocal sends, first_chunk
         batch = buffer.copy()
         buffer.clear()
         await emit(batch)
+        if sends == 0:
+            first_chunk = time.monotonic() - started
         sends += 1
 
     try:
@@ -175,4 +182,6 @@ async def stream_answer(
         timer.cancel()
         producer.cancel()
     reason = (finish.reason or ("tool_calls" if called else None)) if outcome == "complete" else None
-    return StreamResult(outcome, tokens, sends, answering, error, finish_reason=reason, usage=finish.usage)
+    return StreamResult(
+        outcome, tokens, sends, answering, error, finish_reason=reason, usage=finish.usage, first_chunk=first_chunk
+    )

@@ -1,14 +1,24 @@
-"""The run's log written to a file or a pipe: no colour codes, one stream, whole lines."""
+"""The run's log written to a file or a pipe: no colour codes, one stream, whole lines; one line
+per answer and a summary line a minute."""
 
 import io
 import logging
 import re
 import threading
+import time
 from pathlib import Path
+from typing import Sequence
 
 import bittensor as bt
 
 from openai_miner import logs
+from openai_miner.access import Access, AccessPolicy, RateLimiter, RecentPrompts
+from openai_miner.chain import Neuron, Registry
+from openai_miner.core import Core, Question
+from openai_miner.streaming import Outcome, Piece, StreamResult
+from openai_miner.system_prompts import SystemPrompts
+from openai_miner.tally import Tally, percentile
+from openai_miner.testing.fake_source import FakeSource
 from openai_miner.testing import (
     OPEN_TO_ALL,
     LoopbackUpstream,
@@ -20,6 +30,7 @@ from openai_miner.testing import (
     miner_env,
     signing_client,
 )
+from tests.helpers import far
 
 SUMMARY_LINE = re.compile(r"^openai-miner \| network mock \| netuid 1 \| hotkey \w+ \| .* \| batch \d+ tokens$")
 
@@ -91,3 +102,65 @@ async def test_the_real_command_logs_to_a_pipe_without_colour_and_its_summary_on
     lines = log.splitlines()
     assert sum(bool(SUMMARY_LINE.match(line)) for line in lines) == 1, log[-3000:]
     assert "openai-miner: stopped after 3 answers (6 tokens)" in lines
+    answered = f"| http {validator.hotkey.ss58_address[:10]}: 2 tokens in 1 chunks via openai (complete), first chunk "
+    assert sum(answered in line for line in lines) == 3, log[-3000:]  # at the default level: one line per answer
+
+
+def answering_core(source: FakeSource, **kwargs) -> Core:
+    registry = Registry.of([Neuron(uid=0, hotkey="validator-hotkey", stake=10.0, validator_permit=True)])
+    access = Access(AccessPolicy(), registry, RateLimiter(600), RecentPrompts(0.0))
+    return Core(source, access, SystemPrompts({"generic": "Be brief."}), batch_size=2, **kwargs)
+
+
+async def ignore(batch: Sequence[Piece]) -> None:
+    pass
+
+
+async def test_each_answer_is_one_info_line_with_its_front_caller_source_and_first_chunk(caplog) -> None:
+    answering = answering_core(FakeSource(["a", "b", "c"]))
+    asked = answering.question("validator-hotkey", ["user"], ["a secret prompt"], None, timeout=10, arrived=time.monotonic(), front="http")
+    with caplog.at_level("INFO", logger="bittensor"):
+        result = await answering.answer(asked, ignore)
+    lines = [record for record in caplog.records if "tokens in" in record.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO
+    line = lines[0].getMessage()
+    assert re.fullmatch(
+        r"http validator-: 3 tokens in 2 chunks via fake \(complete\), first chunk \d+\.\d\ds, \d+\.\d\ds", line
+    ), line
+    assert "secret" not in line and result.first_chunk is not None and result.first_chunk >= 0
+
+
+async def test_no_log_answers_puts_the_line_at_debug_and_an_empty_answer_has_no_first_chunk(caplog) -> None:
+    answering = answering_core(FakeSource([]), log_answers=False)
+    with caplog.at_level("DEBUG", logger="bittensor"):
+        result = await answering.answer(Question(answering.chat(["user"], ["hi"], None), far()), ignore)
+    lines = [record for record in caplog.records if "tokens in" in record.getMessage()]
+    assert [record.levelno for record in lines] == [logging.DEBUG] and result.first_chunk is None
+    assert "first chunk -," in lines[0].getMessage()
+
+
+def result(source: str, outcome: Outcome = "complete", tokens: int = 10, first_chunk: float | None = 0.1) -> StreamResult:
+    return StreamResult(outcome, tokens, 1, source, first_chunk=first_chunk)
+
+
+def test_the_summary_line_comes_once_a_window_is_over_with_outcomes_sources_rates_and_percentiles(caplog) -> None:
+    now = [0.0]
+    tally = Tally(every=60, fallback="local", clock=lambda: now[0])
+    with caplog.at_level("INFO", logger="bittensor"):
+        for n in range(1, 20):
+            tally.count(result("openai", first_chunk=n / 100), duration=0.5)
+        tally.count(result("local", "deadline", first_chunk=None), duration=0.5)
+        assert not [record for record in caplog.records if "answered" in record.getMessage()]  # not yet a minute
+        now[0] = 61.0
+        tally.count(result("openai", first_chunk=0.2), duration=1.5)
+        now[0] = 200.0  # a quiet window: nothing to say until an answer comes
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("answered")]
+    assert lines == [
+        "answered 21 in 61s: complete 20, deadline 1 | openai 20, local 1 (fallback 5%) | "
+        "210 tokens, 18 tokens/s an answer | first chunk p50 0.10s p95 0.19s"
+    ]
+
+
+def test_percentile_is_the_nearest_rank() -> None:
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0 and percentile([1.0], 0.95) == 1.0
+    assert percentile([float(n) for n in range(1, 101)], 0.95) == 95.0

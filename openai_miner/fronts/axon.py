@@ -233,7 +233,7 @@ def question(core: Core, synapse: StreamPromptingSynapse, arrived: float | None 
         reason = f"invalid prompt: {invalid}"
         core.access.refused(None, reason)
         raise fastapi.HTTPException(400, reason) from None
-    return Question(messages, core.deadline(timeout, arrived), caller(synapse)[0])
+    return Question(messages, core.deadline(timeout, arrived), caller(synapse)[0], front="axon")
 
 
 def stream(core: Core, synapse: StreamPromptingSynapse, arrived: float | None = None) -> StreamingResponse:
@@ -254,7 +254,7 @@ async def whole(core: Core, synapse: StreamPromptingSynapse) -> StreamPromptingS
     async def collect(batch: Sequence[str | Token]) -> None:
         parts.append(text_of(batch))
 
-    await core.answer(Question(asked.messages, asked.deadline), collect)
+    await core.answer(Question(asked.messages, asked.deadline, front="axon"), collect)
     synapse.completion = "".join(parts)
     return synapse
 

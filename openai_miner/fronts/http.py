@@ -412,6 +412,7 @@ class HttpFront:
                 templated=asked.task is None or task_key(asked.task) not in UNTEMPLATED,
                 extras=asked.extras,
                 batch_size=1 if asked.sampling.top_logprobs is not None else None,
+                front="http",
             )
         except Refused as refused:
             bt.logging.debug(f"http: refused {refused.status}: {refused.reason}")

@@ -435,7 +435,7 @@ class LooshFront:
             asked = parse_challenge(payload)
             question = self.core.question(
                 hotkey, asked.roles, asked.contents, None, timeout=self.timeout, arrived=arrived,
-                sampling=asked.sampling, templated=False, extras=asked.extras, invalid="challenge",
+                sampling=asked.sampling, templated=False, extras=asked.extras, invalid="challenge", front="loosh",
             )
         except CoreRefused as refused:
             return self.refuse(request, refused)

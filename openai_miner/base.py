@@ -168,7 +168,7 @@ class Miner(abc.ABC):
         for kind in kinds:
             kind.add_args(fronts)
         fronts.add_argument(
-            "--advertise", choices=[kind.name for kind in kinds], default=None,
+            "--advertise", choices=[kind.name for kind in kinds if kind.advertisable], default=None,
             help="The front whose port the chain publishes (default: the axon when served, else the first "
             "front served).",
         )
@@ -222,14 +222,15 @@ class Miner(abc.ABC):
         """The front the chain publishes: ``--advertise`` (or a front's own flag asking for it), else
         the first served, in :meth:`front_classes`' order. Refuses a configuration serving nothing,
         or advertising a front it does not serve."""
-        if not self.fronts:
-            switches = ", ".join(kind.switch for kind in type(self).front_classes())
+        advertisable = [front for front in self.fronts if front.advertisable]
+        if not advertisable:
+            switches = ", ".join(kind.switch for kind in type(self).front_classes() if kind.advertisable)
             raise ConfigError(f"nothing to serve: every front is off (turn one on: {switches})")
         asked = [kind.name for kind in type(self).front_classes() if kind.advertise_asked(self.config)]
         wanted = self.config.advertise or next(iter(asked), None)
         if wanted is None:
-            return self.fronts[0]
-        for front in self.fronts:
+            return advertisable[0]
+        for front in advertisable:
             if front.name == wanted:
                 return front
         served = ", ".join(front.name for front in self.fronts)

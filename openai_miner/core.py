@@ -18,6 +18,7 @@ import bittensor as bt
 from openai_miner.access import Access
 from openai_miner.config import add_bool, at_least
 from openai_miner.messages import InvalidPrompt, Message, to_chat_messages
+from openai_miner.metrics import Metrics
 from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling, TokenSource
 from openai_miner.sources.fallback import FallbackSource
 from openai_miner.streaming import Emit, Outcome, StreamResult, stream_answer, stream_deadline
@@ -139,6 +140,7 @@ class Core:
         self.on_failure = on_failure
         self.log_answers = log_answers
         self.stats = Stats()
+        self.metrics = Metrics()
         self.tally = tally or Tally(fallback=fallback_name(source))
 
     @classmethod
@@ -239,10 +241,12 @@ class Core:
         it); an error is a warning, and may stop the miner if configured."""
         self.stats.count(result)
         self.tally.count(result, duration)
+        front = question.front or "core"
+        self.metrics.observe(front, result.outcome, result.source, result.tokens, result.first_chunk, duration)
         who = question.hotkey[:10] if question.hotkey else "local"
         first = "-" if result.first_chunk is None else f"{result.first_chunk:.2f}s"
         line = (
-            f"{question.front or 'core'} {who}: {result.tokens} tokens in {result.sends} chunks via "
+            f"{front} {who}: {result.tokens} tokens in {result.sends} chunks via "
             f"{result.source} ({result.outcome}), first chunk {first}, {duration:.2f}s"
         )
         if result.outcome == "deadline" and result.tokens == 0:

@@ -5,7 +5,7 @@ listens, its port check, its server, where the chain sends validators when it is
 front, and its piece of the summary line. The base :class:`~openai_miner.base.Miner` loops over the
 enabled fronts and names none of them, so a new front is a new file, not an edit of the miner.
 
-Discovery: the built-in fronts (:func:`built_in`: axon, HTTP, SN78) come first, in that order,
+Discovery: the built-in fronts (:func:`built_in`: axon, HTTP, SN78, metrics) come first, in that order,
 then every class named by an entry point of the group ``openai_miner.fronts`` in any installed
 distribution. A third party adds a front by subclassing :class:`Front` and declaring, in its own
 package::
@@ -50,6 +50,8 @@ class Front(abc.ABC):
     label: ClassVar[str]
     port_flag: ClassVar[str]
     switch: ClassVar[str]
+    advertisable: ClassVar[bool] = True
+    """Whether validators may be sent to it: an operator's front (metrics) is never published on chain."""
 
     def __init__(self, miner: "Miner") -> None:
         self.miner = miner
@@ -113,9 +115,9 @@ class Front(abc.ABC):
 
 def built_in() -> tuple[type[Front], ...]:
     """The fronts of this package; imported here, as their modules import this one."""
-    from openai_miner.fronts import axon, http, loosh
+    from openai_miner.fronts import axon, http, loosh, metrics
 
-    return (axon.Front, http.Front, loosh.Front)
+    return (axon.Front, http.Front, loosh.Front, metrics.Front)
 
 
 def discover() -> tuple[type[Front], ...]:

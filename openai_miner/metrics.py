@@ -1,0 +1,48 @@
+"""The answers as Prometheus metrics, for an operator's Grafana rather than the log.
+
+Each :class:`~openai_miner.core.Core` counts into a :class:`Metrics` of its own, on a registry of
+its own (not prometheus_client's global one), so that two miners in one process (tests, the
+benchmark) never share counts; ``--metrics.port`` serves it (:mod:`openai_miner.fronts.metrics`).
+Labels are few and bounded (front, outcome, source): no hotkey, no reason text, so the number of
+series stays small whatever validators send.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+FIRST_CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+"""Seconds to the first chunk: a streaming upstream's first token takes 0.1 to 2 s, the local model's less."""
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0)
+"""Seconds an answer takes: SN1 validators' timeouts are about 10 to 15 s."""
+
+
+class Metrics:
+    """Counters and histograms of one core's answers."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.answers = Counter(
+            "openai_miner_answers", "Answers given, by front, outcome and the source that answered.",
+            ["front", "outcome", "source"], registry=self.registry,
+        )
+        self.tokens = Counter(
+            "openai_miner_tokens_out", "Tokens sent to callers, by front and source.",
+            ["front", "source"], registry=self.registry,
+        )
+        self.first_chunk = Histogram(
+            "openai_miner_first_chunk_seconds", "Seconds from the start of an answer to its first chunk sent.",
+            ["front"], buckets=FIRST_CHUNK_BUCKETS, registry=self.registry,
+        )
+        self.duration = Histogram(
+            "openai_miner_answer_seconds", "Seconds an answer took, first token to last chunk or deadline.",
+            ["front"], buckets=DURATION_BUCKETS, registry=self.registry,
+        )
+
+    def observe(self, front: str, outcome: str, source: str, tokens: int, first_chunk: float | None, duration: float) -> None:
+        """Count one answer."""
+        self.answers.labels(front, outcome, source).inc()
+        self.tokens.labels(front, source).inc(tokens)
+        if first_chunk is not None:
+            self.first_chunk.labels(front).observe(first_chunk)
+        self.duration.labels(front).observe(duration)

@@ -1,0 +1,60 @@
+"""The metrics front: /metrics scraped and parsed as Prometheus does, /health, never advertised."""
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from openai_miner import cli
+from openai_miner.miner import OpenAIMiner
+from openai_miner.testing import ask_http, free_port, miner_argv, signing_client
+from openai_miner.testing.fake_source import FakeSource
+
+WORDS = ["one", " two", " three"]
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of an exposition, by name and labels."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_metrics_count_each_answer_by_front_outcome_and_source_and_health_reports(serve_miner, validator) -> None:
+    http_port, metrics_port = free_port(), free_port()
+    miner = serve_miner("--axon.off", "--http.port", str(http_port), "--metrics.port", str(metrics_port), source=FakeSource(WORDS))
+    async with signing_client(validator.hotkey, miner.wallet.hotkey.ss58_address) as client:
+        for _ in range(2):
+            answer = await ask_http(client, http_port, "hello")
+            assert answer.ok, answer
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{metrics_port}") as client:
+        scraped = await client.get("/metrics")
+        health = await client.get("/health")
+    assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+    found = samples(scraped.text)
+    http = ("front", "http")
+    assert found["openai_miner_answers_total", frozenset({http, ("outcome", "complete"), ("source", "fake")})] == 2
+    assert found["openai_miner_tokens_out_total", frozenset({http, ("source", "fake")})] == 6
+    assert found["openai_miner_first_chunk_seconds_count", frozenset({http})] == 2
+    assert found["openai_miner_answer_seconds_count", frozenset({http})] == 2
+    assert found["openai_miner_answer_seconds_bucket", frozenset({http, ("le", "+Inf")})] == 2
+    assert health.status_code == 200 and health.json() == {
+        "status": "ok", "answers": {"complete": 2, "tokens": 6, "by_source": {"fake": {"complete": 2}}},
+    }
+
+
+def test_the_metrics_front_is_never_advertised_and_listens_on_loopback_by_default(serve_miner) -> None:
+    port = free_port()
+    miner = serve_miner("--metrics.port", str(port), source=FakeSource(WORDS))
+    assert miner.advertised.name == "axon" and [front.name for front in miner.fronts] == ["axon", "metrics"]
+    assert f"metrics 127.0.0.1:{port}" in cli.summary(miner) and "(advertised" not in cli.summary(miner).split("metrics")[1]
+
+
+def test_the_metrics_front_alone_serves_no_validator(tmp_path, capsys) -> None:
+    argv = miner_argv(tmp_path / "w", free_port(), "--fallback.off", "--openai.base_url", "http://127.0.0.1:9/v1",
+                      "--axon.off", "--metrics.port", str(free_port()))
+    assert cli.main(argv) == 2
+    assert "nothing to serve: every front is off" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        OpenAIMiner.config(["--advertise", "metrics"], env={})

@@ -10,6 +10,7 @@ runs after the signature proved the hotkey, so nobody can spend a real validator
 
 import argparse
 import hashlib
+import re
 import time
 from collections import Counter, OrderedDict, defaultdict, deque
 from dataclasses import dataclass
@@ -204,18 +205,34 @@ class Offenders:
         return False
 
 
+SPECIFIC = re.compile(r"[1-9A-HJ-NP-Za-km-z]{40,}|\d+(?:\.\d+)?")
+"""What varies between two refusals of one kind: a hotkey (ss58), a number."""
+MAX_KINDS = 64
+"""Kinds of refusal counted apart in :attr:`Refusals.totals`; past that, ``"other"``."""
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a refusal: its reason up to the detail after a colon, hotkeys and numbers as
+    ``*``. A bounded label, whatever callers send (``"hotkey * has no validator permit"``)."""
+    return SPECIFIC.sub("*", reason.split(":", 1)[0])
+
+
 class Refusals:
     """Refusals counted, and logged as one summary line per ``every`` seconds instead of one each:
-    a stranger's flood must not write gigabytes of log."""
+    a stranger's flood must not write gigabytes of log. ``totals``: every refusal since the start,
+    by kind (:func:`reason_kind`), for the metrics."""
 
     def __init__(self, every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.every = every
         self._clock = clock
         self._since = clock()
         self._reasons: Counter[str] = Counter()
+        self.totals: Counter[str] = Counter()
 
     def count(self, reason: str) -> None:
         self._reasons[reason] += 1
+        kind = reason_kind(reason)
+        self.totals[kind if kind in self.totals or len(self.totals) < MAX_KINDS else "other"] += 1
         now = self._clock()
         if now - self._since >= self.every:
             total, (example, _) = sum(self._reasons.values()), self._reasons.most_common(1)[0]

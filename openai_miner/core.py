@@ -140,7 +140,7 @@ class Core:
         self.on_failure = on_failure
         self.log_answers = log_answers
         self.stats = Stats()
-        self.metrics = Metrics()
+        self.metrics = Metrics(refusals=lambda: access.refusals.totals)
         self.tally = tally or Tally(fallback=fallback_name(source))
 
     @classmethod

@@ -3,13 +3,17 @@
 Each :class:`~openai_miner.core.Core` counts into a :class:`Metrics` of its own, on a registry of
 its own (not prometheus_client's global one), so that two miners in one process (tests, the
 benchmark) never share counts; ``--metrics.port`` serves it (:mod:`openai_miner.fronts.metrics`).
-Labels are few and bounded (front, outcome, source): no hotkey, no reason text, so the number of
-series stays small whatever validators send.
+Labels are few and bounded (front, outcome, source, the kind of a refusal): no hotkey, so the
+number of series stays small whatever callers send.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 FIRST_CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 """Seconds to the first chunk: a streaming upstream's first token takes 0.1 to 2 s, the local model's less."""
@@ -17,11 +21,26 @@ DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0)
 """Seconds an answer takes: SN1 validators' timeouts are about 10 to 15 s."""
 
 
-class Metrics:
-    """Counters and histograms of one core's answers."""
+class RefusalCollector(Collector):
+    """Refusals by kind, read at each scrape from the access policy's running totals
+    (:attr:`~openai_miner.access.Refusals.totals`), which every front already counts into."""
 
-    def __init__(self) -> None:
+    def __init__(self, totals: Callable[[], Mapping[str, int]]) -> None:
+        self.totals = totals
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("openai_miner_refusals", "Requests refused before any model work, by kind.", labels=["reason"])
+        for kind, count in list(self.totals().items()):
+            family.add_metric([kind], count)
+        yield family
+
+
+class Metrics:
+    """Counters and histograms of one core's answers, and its access policy's refusals."""
+
+    def __init__(self, refusals: Callable[[], Mapping[str, int]] = dict) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(RefusalCollector(refusals))
         self.answers = Counter(
             "openai_miner_answers", "Answers given, by front, outcome and the source that answered.",
             ["front", "outcome", "source"], registry=self.registry,

@@ -5,6 +5,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from openai_miner import cli
+from openai_miner.access import MAX_KINDS, Refusals, reason_kind
 from openai_miner.miner import OpenAIMiner
 from openai_miner.testing import ask_http, free_port, miner_argv, signing_client
 from openai_miner.testing.fake_source import FakeSource
@@ -21,13 +22,16 @@ def samples(text: str) -> dict[tuple[str, frozenset], float]:
     }
 
 
-async def test_metrics_count_each_answer_by_front_outcome_and_source_and_health_reports(serve_miner, validator) -> None:
+async def test_metrics_count_each_answer_by_front_outcome_and_source_and_health_reports(serve_miner, validator, wallets) -> None:
     http_port, metrics_port = free_port(), free_port()
     miner = serve_miner("--axon.off", "--http.port", str(http_port), "--metrics.port", str(metrics_port), source=FakeSource(WORDS))
     async with signing_client(validator.hotkey, miner.wallet.hotkey.ss58_address) as client:
         for _ in range(2):
             answer = await ask_http(client, http_port, "hello")
             assert answer.ok, answer
+    stranger = wallets("stranger")  # not registered: refused before any model work
+    async with signing_client(stranger.hotkey, miner.wallet.hotkey.ss58_address) as client:
+        assert (await ask_http(client, http_port, "hello")).status == 403
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{metrics_port}") as client:
         scraped = await client.get("/metrics")
         health = await client.get("/health")
@@ -39,6 +43,7 @@ async def test_metrics_count_each_answer_by_front_outcome_and_source_and_health_
     assert found["openai_miner_first_chunk_seconds_count", frozenset({http})] == 2
     assert found["openai_miner_answer_seconds_count", frozenset({http})] == 2
     assert found["openai_miner_answer_seconds_bucket", frozenset({http, ("le", "+Inf")})] == 2
+    assert found["openai_miner_refusals_total", frozenset({("reason", "hotkey * is not registered on this subnet")})] == 1
     assert health.status_code == 200 and health.json() == {
         "status": "ok", "answers": {"complete": 2, "tokens": 6, "by_source": {"fake": {"complete": 2}}},
     }
@@ -58,3 +63,13 @@ def test_the_metrics_front_alone_serves_no_validator(tmp_path, capsys) -> None:
     assert "nothing to serve: every front is off" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         OpenAIMiner.config(["--advertise", "metrics"], env={})
+
+
+def test_a_refusal_kind_is_bounded_whatever_callers_send() -> None:
+    hotkey = "5F3sa2TJAWMqDhXG6jhV4N8ko9SxwGy8TpaNS1repo5EYjQX"
+    assert reason_kind(f"hotkey {hotkey} stake 0.5 is below 10") == "hotkey * stake * is below *"
+    assert reason_kind("invalid prompt: message 3 is empty") == "invalid prompt"
+    refusals = Refusals(every=1e9)
+    for n in range(MAX_KINDS + 10):
+        refusals.count(f"kind {chr(65 + n % 26)}{chr(97 + n // 26)}")
+    assert len(refusals.totals) == MAX_KINDS + 1 and refusals.totals["other"] == 10

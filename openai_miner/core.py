@@ -140,7 +140,7 @@ class Core:
         self.on_failure = on_failure
         self.log_answers = log_answers
         self.stats = Stats()
-        self.metrics = Metrics(refusals=lambda: access.refusals.totals)
+        self.metrics = Metrics(refusals=lambda: access.refusals.totals, fallback_active=fallback_active(source))
         self.tally = tally or Tally(fallback=fallback_name(source))
 
     @classmethod
@@ -267,4 +267,12 @@ def fallback_name(source: TokenSource) -> str | None:
     answers is the summary's fallback share."""
     if isinstance(source, FallbackSource) and source.primary is not None and source.local is not None:
         return source.local.name
+    return None
+
+
+def fallback_active(source: TokenSource) -> Callable[[], bool] | None:
+    """Whether the circuit breaker now skips the upstream, when ``source`` has an upstream and a
+    local fallback (``None`` otherwise: nothing to fall back from)."""
+    if isinstance(source, FallbackSource) and fallback_name(source) is not None:
+        return lambda: source.breaker.state != "closed"
     return None

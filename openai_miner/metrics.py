@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 FIRST_CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -35,12 +35,30 @@ class RefusalCollector(Collector):
         yield family
 
 
-class Metrics:
-    """Counters and histograms of one core's answers, and its access policy's refusals."""
+class FallbackCollector(Collector):
+    """1 while the circuit breaker skips the upstream (the local model answers every request), else 0."""
 
-    def __init__(self, refusals: Callable[[], Mapping[str, int]] = dict) -> None:
+    def __init__(self, active: Callable[[], bool]) -> None:
+        self.active = active
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "openai_miner_fallback_active", "1 while the upstream is skipped and the local model answers.",
+            value=int(self.active()),
+        )
+
+
+class Metrics:
+    """Counters and histograms of one core's answers, its access policy's refusals, and (a miner
+    with an upstream and a local fallback) whether the fallback is active."""
+
+    def __init__(
+        self, refusals: Callable[[], Mapping[str, int]] = dict, fallback_active: Callable[[], bool] | None = None
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(RefusalCollector(refusals))
+        if fallback_active is not None:
+            self.registry.register(FallbackCollector(fallback_active))
         self.answers = Counter(
             "openai_miner_answers", "Answers given, by front, outcome and the source that answered.",
             ["front", "outcome", "source"], registry=self.registry,

@@ -1,11 +1,17 @@
-"""The metrics front: /metrics scraped and parsed as Prometheus does, /health, never advertised."""
+"""The metrics front: /metrics scraped and parsed as Prometheus does, /health, never advertised;
+refusal kinds bounded; the fallback gauge."""
 
 import httpx
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from openai_miner import cli
-from openai_miner.access import MAX_KINDS, Refusals, reason_kind
+from openai_miner.access import MAX_KINDS, Access, AccessPolicy, RateLimiter, RecentPrompts, Refusals, reason_kind
+from openai_miner.chain import Registry
+from openai_miner.core import Core
+from openai_miner.sources.fallback import CircuitBreaker, FallbackSource
+from openai_miner.system_prompts import SystemPrompts
 from openai_miner.miner import OpenAIMiner
 from openai_miner.testing import ask_http, free_port, miner_argv, signing_client
 from openai_miner.testing.fake_source import FakeSource
@@ -73,3 +79,21 @@ def test_a_refusal_kind_is_bounded_whatever_callers_send() -> None:
     for n in range(MAX_KINDS + 10):
         refusals.count(f"kind {chr(65 + n % 26)}{chr(97 + n // 26)}")
     assert len(refusals.totals) == MAX_KINDS + 1 and refusals.totals["other"] == 10
+
+
+def test_fallback_active_follows_the_circuit_breaker() -> None:
+    breaker = CircuitBreaker(1, 60.0)
+    source = FallbackSource(FakeSource(WORDS, name="openai"), FakeSource(WORDS, name="local"), breaker)
+    access = Access(AccessPolicy(), Registry.of([]), RateLimiter(60), RecentPrompts(0.0))
+    core = Core(source, access, SystemPrompts({}))
+
+    def active() -> float:
+        found = samples(generate_latest(core.metrics.registry).decode())
+        return found["openai_miner_fallback_active", frozenset()]
+
+    assert active() == 0
+    breaker.failure()  # one failure opens it: the upstream is skipped
+    assert active() == 1
+    assert "openai_miner_fallback_active" not in generate_latest(
+        Core(FakeSource(WORDS), access, SystemPrompts({})).metrics.registry
+    ).decode()  # one source: nothing to fall back from

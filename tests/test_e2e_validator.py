@@ -352,12 +352,15 @@ def test_settings_the_miner_cannot_use_exit_2(tmp_path, monkeypatch, capsys, arg
     assert "configuration error" in error and expected in error and "Traceback" not in error
 
 
-def test_miner_stopping_itself_exits_1(tmp_path, monkeypatch, capsys) -> None:
+def test_miner_stopping_itself_exits_1(tmp_path, monkeypatch) -> None:
+    from openai_miner import logs
+
+    said: list[str] = []  # the lines written on the log's stream (bittensor's handler, bound at import)
+    monkeypatch.setattr(logs, "say", said.append)
     monkeypatch.setattr(OpenAIMiner, "keep_synced", lambda self: None)  # as after request_exit()
     argv = miner_argv(tmp_path / "wallets", free_port(), "--openai.base_url", "http://127.0.0.1:9/v1", "--fallback.off")
     assert cli.main(argv) == 1
-    captured = capsys.readouterr()
-    assert "openai-miner |" in captured.out and "stop_on_forward_exception" in captured.err
+    assert said[0].startswith("openai-miner |") and "stop_on_forward_exception" in said[-1]
     assert port_is_free(int(argv[argv.index("--axon.port") + 1]))
 
 

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-tokens", type=at_least(1), default=None,
-        help="Most tokens in the answer, upstream and local (default: the miner's, 1024 and 256).",
+        help="Most tokens in the answer, upstream and local (default: the miner's, 1024 upstream and 128 local).",
     )
     parser.add_argument(
         "--wallet-dir", default=None,

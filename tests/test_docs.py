@@ -5,17 +5,20 @@ from pathlib import Path
 
 import pytest
 
-from openai_miner.config import env_name
+from openai_miner.config import SHOWN_BITTENSOR, env_name
 from openai_miner.miner import OpenAIMiner
 
 ROOT = Path(__file__).resolve().parent.parent
-OWN = ("openai", "neuron", "blacklist", "fallback", "http", "loosh", "advertise", "netuid", "mock", "axon.off")
+OWN = ("openai", "neuron", "blacklist", "fallback", "http", "loosh", "metrics", "advertise", "netuid", "mock", "axon.off")
 
 
 def own_options() -> list[argparse.Action]:
     parser = argparse.ArgumentParser()
     OpenAIMiner.add_args(parser)
-    return [action for action in parser._actions if action.dest.split(".")[0] in OWN or action.dest in OWN]
+    return [
+        action for action in parser._actions
+        if action.dest.split(".")[0] in OWN or action.dest in OWN or action.dest in SHOWN_BITTENSOR
+    ]
 
 
 @pytest.mark.parametrize("action", own_options(), ids=lambda action: action.dest)

@@ -7,6 +7,8 @@ hotkey on it with a permit and stake.
 """
 
 import contextlib
+import os
+import random
 import socket
 from pathlib import Path
 from typing import Iterator
@@ -24,11 +26,37 @@ OPEN_TO_ALL = ("--blacklist.allow_non_registered", "true", "--blacklist.force_va
 """Flags that let hotkeys off the miner's mock chain ask it (blacklist and priority still run)."""
 
 
-def free_port() -> int:
-    """A port free on every address, as the miner's own check (and its axon, on 0.0.0.0) needs it."""
+PORTS_FROM, PORTS_EACH = 20_000, 1_000
+"""Where :func:`free_port` looks: below Linux's ephemeral range (32768 up), 1,000 ports per test
+process, so that neither an outgoing connection nor another pytest-xdist worker takes the port
+between this check and the miner's bind (both happened with ports the kernel picked)."""
+
+
+def _ports() -> Iterator[int]:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    first = PORTS_FROM + (int(worker) if worker.isdigit() else 0) % 12 * PORTS_EACH
+    start = random.randrange(PORTS_EACH)  # two runs at once on one machine rarely meet
+    while True:
+        for offset in range(PORTS_EACH):
+            yield first + (start + offset) % PORTS_EACH
+
+
+_candidates = _ports()
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as probe:
-        probe.bind(("0.0.0.0", 0))
-        return probe.getsockname()[1]
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    """A port free on every address, as the miner's own check (and its axon, on 0.0.0.0) needs it;
+    never the same twice within 1,000 calls."""
+    return next(port for port in _candidates if _bindable(port))
 
 
 @contextlib.contextmanager

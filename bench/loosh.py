@@ -25,7 +25,6 @@ import asyncio
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,7 +48,7 @@ from bench.stats import median, ms_percentiles, ratio
 from bench.upstream import UpstreamProcess, words
 from bench.validators import prompt
 from openai_miner.fronts.loosh import OAEP
-from openai_miner.testing.localnet import OPEN_TO_ALL, free_port
+from openai_miner.testing.localnet import OPEN_TO_ALL
 from openai_miner.testing.loosh import LooshValidator
 from openai_miner.testing.validator import sse_event
 
@@ -212,24 +211,7 @@ class ServerProcess(BenchServer):
     file, ``/proc`` figures, stop) on this module's servers."""
 
     def __init__(self, kind: str, upstream: str, workdir: Path) -> None:
-        self.kind, self.port, self.info = kind, free_port(), {}
-        root = Path(__file__).resolve().parent.parent
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
-            "HOME": str(workdir),  # bittensor writes ~/.bittensor on import
-        }
-        for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
-            env.pop(name, None)
-        self._ready = workdir / f"{kind}.ready"
-        self._ready.unlink(missing_ok=True)
-        self.log = workdir / f"{kind}.log"
-        self._log = self.log.open("w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.loosh", "--serve", kind, "--upstream", upstream,
-             "--port", str(self.port), "--workdir", str(workdir)],
-            stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir, env=env,
-        )
+        self.start(kind, workdir, ["bench.loosh", "--serve", kind, "--upstream", upstream, "--workdir", str(workdir)])
 
 
 # -- validators and rounds ---------------------------------------------------------------------------

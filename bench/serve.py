@@ -94,8 +94,15 @@ class BenchServer:
     """Starts ``python -m bench.serve`` and reads its CPU time and memory from ``/proc``."""
 
     def __init__(self, kind: str, upstream: str, workdir: Path, batch_size: int) -> None:
-        self.kind = kind
-        self.port = free_port()
+        self.start(kind, workdir, [
+            "bench.serve", "--kind", kind, "--upstream", upstream, "--workdir", str(workdir),
+            "--batch-size", str(batch_size),
+        ])
+
+    def start(self, kind: str, workdir: Path, module_args: list[str]) -> None:
+        """Run ``python -m MODULE ARGS --port PORT`` on a free port, in ``workdir``, without the
+        user's OpenAI settings; it writes ``KIND.ready`` once it serves."""
+        self.kind, self.port, self.info = kind, free_port(), {}
         root = Path(__file__).resolve().parent.parent
         env = {
             **os.environ,
@@ -109,13 +116,9 @@ class BenchServer:
         self.log = workdir / f"{kind}.log"
         self._log = self.log.open("w")
         self.process = subprocess.Popen(
-            [
-                sys.executable, "-m", "bench.serve", "--kind", kind, "--upstream", upstream,
-                "--port", str(self.port), "--workdir", str(workdir), "--batch-size", str(batch_size),
-            ],
+            [sys.executable, "-m", *module_args, "--port", str(self.port)],
             stdin=subprocess.PIPE, stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir, env=env,
         )
-        self.info: dict = {}
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         end = time.monotonic() + timeout

@@ -257,6 +257,7 @@ class LocalSource:
         self._loading: Future[LoadedModel] | None = None
         self._loading_lock = threading.Lock()
         self._slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+        self._waiting = 0
         self._count_lock = threading.Lock()
         self._plain = 0
         self._plain_jobs: dict[Future[None], threading.Event] = {}
@@ -272,6 +273,11 @@ class LocalSource:
         and requests the batch holds (a cancelled one until the batch has dropped it)."""
         batch = self._batch
         return self._plain + (batch.holding() if batch is not None else 0)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a place in the batch (``max_batch`` are generating)."""
+        return self._waiting
 
     @property
     def loaded(self) -> bool:
@@ -400,11 +406,14 @@ class LocalSource:
         if time.monotonic() >= deadline:
             return
         slots = self._semaphore(loop)
+        self._waiting += 1
         try:
             await asyncio.wait_for(slots.acquire(), timeout=max(deadline - time.monotonic(), 0))
         except asyncio.TimeoutError:
             bt.logging.debug("local model busy until the deadline: nothing produced")
             return
+        finally:
+            self._waiting -= 1
         plan = self._plan(loaded, sampling)
         chat = template_chat(messages, tools=takes_tools(loaded.tokenizer))
         release = True

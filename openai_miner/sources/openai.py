@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import time
 import traceback
+from collections import Counter
 from typing import Any, Self, Sequence
 
 import bittensor as bt
@@ -266,6 +267,18 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def error_kind(error: BaseException) -> str:
+    """A failed attempt's kind, as the metrics count it: the HTTP status (``"429"``, ``"500"``...),
+    ``"timeout"``, ``"connection"``, or ``"malformed"`` (a chunk that could not be read)."""
+    if isinstance(error, openai.APIStatusError):
+        return str(error.status_code)
+    if isinstance(error, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(error, openai.APIConnectionError):
+        return "connection"
+    return "malformed"
+
+
 def upstream_error(error: Exception) -> UpstreamError:
     """What a failed answer tells the core: the prompt refused (:class:`NoAnswer`), or the upstream failing."""
     if isinstance(error, openai.APIStatusError):
@@ -347,6 +360,7 @@ class OpenAISource:
     ) -> None:
         self.model = model
         self.max_retries = max_retries
+        self.errors: Counter[str] = Counter()  # failed attempts by kind (error_kind), for the metrics
         self._backoff = wait_exponential_jitter(initial=backoff, max=max_backoff, jitter=backoff)
 
     def describe(self) -> str:
@@ -395,8 +409,12 @@ class OpenAISource:
         try:
             async for attempt in retrying:
                 with attempt:
-                    async for chunk in self.model._astream(chat, **options):
-                        writer.write(chunk)
+                    try:
+                        async for chunk in self.model._astream(chat, **options):
+                            writer.write(chunk)
+                    except Exception as error:
+                        self.errors[error_kind(error)] += 1
+                        raise
         except (openai.OpenAIError, ValueError, TypeError, AttributeError, KeyError) as error:
             release(error)
             raise upstream_error(error) from error

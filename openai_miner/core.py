@@ -16,10 +16,11 @@ from typing import Any, Callable, Mapping, Sequence
 import bittensor as bt
 
 from openai_miner.access import Access
+from openai_miner.budget import DailyBudget
 from openai_miner.config import add_bool, at_least
 from openai_miner.messages import InvalidPrompt, Message, to_chat_messages
 from openai_miner.metrics import Metrics
-from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling, TokenSource
+from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling, TokenSource, closed
 from openai_miner.sources.fallback import FallbackSource
 from openai_miner.streaming import Emit, Outcome, StreamResult, stream_answer, stream_deadline
 from openai_miner.system_prompts import SystemPrompts
@@ -129,6 +130,7 @@ class Core:
         on_failure: Callable[[], None] | None = None,
         log_answers: bool = True,
         tally: Tally | None = None,
+        budget: DailyBudget | None = None,
     ) -> None:
         self.source = source
         self.access = access
@@ -139,6 +141,7 @@ class Core:
         self.max_messages = max_messages
         self.on_failure = on_failure
         self.log_answers = log_answers
+        self.budget = budget
         self.stats = Stats()
         self.metrics = Metrics(refusals=lambda: access.refusals.totals, fallback_active=fallback_active(source))
         self.tally = tally or Tally(fallback=fallback_name(source))
@@ -151,6 +154,7 @@ class Core:
         access: Access,
         system_prompts: SystemPrompts,
         on_failure: Callable[[], None],
+        budget: DailyBudget | None = None,
     ) -> "Core":
         neuron = config.neuron
         return cls(
@@ -161,6 +165,7 @@ class Core:
             max_messages=neuron.max_messages,
             on_failure=on_failure if neuron.stop_on_forward_exception else None,
             log_answers=neuron.log_answers,
+            budget=budget,
         )
 
     def chat(
@@ -203,12 +208,16 @@ class Core:
     ) -> Question:
         """A proven caller's request as a :class:`Question`: the steps every front takes once the
         signature (or the decryption) showed who asks, in one place so that they cannot drift apart:
-        the hotkey's rate limit and recent repeats (429), then the chat messages (400,
+        whether anything can answer now (503: the upstream's budget spent, no local model), the
+        hotkey's rate limit and recent repeats (429), then the chat messages (400,
         ``"{invalid}: why"``), then the deadline counted from ``arrived``. Raises :class:`Refused`.
 
         The steps before, cheapest first, are the front's: its body limit, the access policy on the
         claimed hotkey (``Access.refusal``, before any signature work), its signature or decryption.
         """
+        shut = self.closed()
+        if shut is not None:
+            raise Refused(503, shut)
         limited = self.access.admit(hotkey, contents)
         if limited is not None:
             raise Refused(limited.status, limited.reason)
@@ -217,6 +226,10 @@ class Core:
         except InvalidPrompt as why:
             raise Refused(400, f"{invalid}: {why}") from None
         return Question(messages, self.deadline(timeout, arrived), hotkey, sampling, batch_size=batch_size, front=front)
+
+    def closed(self) -> str | None:
+        """Why no request can be answered now (``None``: they can), said before any work."""
+        return closed(self.source)
 
     def deadline(self, timeout: float | None, arrived: float | None = None) -> float:
         """When to stop sending an answer to a request that arrived at ``arrived`` (default: now)."""

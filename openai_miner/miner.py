@@ -19,8 +19,8 @@ from openai_miner.core import Core
 from openai_miner.fronts import axon
 from openai_miner.fronts.axon import StreamingResponse
 from openai_miner.protocol import StreamPromptingSynapse
-from openai_miner.sources import openai as openai_source
-from openai_miner.sources.base import TokenSource
+from openai_miner.sources import openai_flags
+from openai_miner.sources.base import TokenSource, closed
 from openai_miner.system_prompts import load_system_prompts
 
 
@@ -41,18 +41,20 @@ class OpenAIMiner(Miner):
         prompts = load_system_prompts(self.config.neuron.prompts_dir, self.config.neuron.system_prompt)
         key = api_key or layered_env().get("OPENAI_API_KEY") or None
         self.api_key = SecretStr(key) if key else None
+        budget = None if source else openai_flags.daily_budget(self.config)
         self.core = Core.from_config(
             self.config,
-            source or sources.build(self.config, self.api_key),
+            source or sources.build(self.config, self.api_key, budget),
             self.access,
             prompts,
             on_failure=self.request_exit,
+            budget=budget,
         )
 
     @classmethod
     def add_args(cls, parser: argparse.ArgumentParser) -> None:
         super().add_args(parser)
-        openai_source.add_args(group(parser, UPSTREAM))
+        openai_flags.add_args(group(parser, UPSTREAM))
         sources.add_args(group(parser, LOCAL))
 
     @property
@@ -73,8 +75,9 @@ class OpenAIMiner(Miner):
 
     def can_answer(self) -> bool:
         """An upstream is configured (its failures fall back to the local model), or the local model
-        is loaded: no answer would wait for a load."""
-        return bool(getattr(self.core.source, "loaded", True))
+        is loaded: no answer would wait for a load; and the source is not closed (the upstream's
+        daily budget spent with no local model)."""
+        return bool(getattr(self.core.source, "loaded", True)) and closed(self.core.source) is None
 
     def forward(self, synapse: StreamPromptingSynapse) -> StreamingResponse:
         return axon.stream(self.core, synapse, self.gate.arrived(synapse))

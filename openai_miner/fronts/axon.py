@@ -219,13 +219,17 @@ class AxonGate:
 
 
 def question(core: Core, synapse: StreamPromptingSynapse, arrived: float | None = None) -> Question:
-    """The synapse as the core's question, or a 400 with the reason.
+    """The synapse as the core's question, or a 400 with the reason (503 while nothing can answer).
 
     The 400 is FastAPI's ``HTTPException``, answered inside bittensor's middleware. bittensor's
     own exception logged an ERROR line per refusal and wrote the whole synapse into the error's
     headers (0.1 s for 100,000 messages). The refusal goes to the summary, against no address:
     the synapse's is the body's claim, not the connection's.
     """
+    shut = core.closed()
+    if shut is not None:
+        core.access.refused(None, shut)
+        raise fastapi.HTTPException(503, shut)
     try:
         messages = core.chat(synapse.roles, synapse.messages, synapse.task_name)
         timeout = checked_timeout(synapse.timeout)

@@ -19,6 +19,7 @@ from openai_miner.sources.fallback import CircuitBreaker, FallbackSource
 from openai_miner.startup import StartupError
 
 if TYPE_CHECKING:
+    from openai_miner.budget import DailyBudget
     from openai_miner.sources.local import LocalSource
 
 
@@ -86,11 +87,12 @@ def device_name(text: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown device {text[:20]!r}: use cpu, cuda, cuda:N or auto")
 
 
-def build(config: bt.Config, api_key: SecretStr | None) -> TokenSource:
-    """The upstream (with a key or a custom server), the local model, or both behind a breaker."""
+def build(config: bt.Config, api_key: SecretStr | None, budget: "DailyBudget | None" = None) -> TokenSource:
+    """The upstream (with a key or a custom server, spending at most ``budget`` a day), the local
+    model, or both behind a breaker."""
     from openai_miner.sources.openai import OpenAISource  # here: LangChain loads only for a miner that asks it
 
-    primary = OpenAISource.from_config(config, api_key) if api_key or config.openai.base_url else None
+    primary = OpenAISource.from_config(config, api_key, budget) if api_key or config.openai.base_url else None
     local = None if config.fallback.off else local_source(config, required=primary is None)
     if local is None:
         if primary is None:

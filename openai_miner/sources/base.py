@@ -19,6 +19,21 @@ class NoAnswer(UpstreamError):
     """
 
 
+class Closed(UpstreamError):
+    """The source was not asked: it is closed for now (the upstream's daily budget is spent).
+
+    Like :class:`NoAnswer`, it says nothing of the source's health; another source may answer.
+    """
+
+
+def closed(source: "TokenSource") -> str | None:
+    """Why ``source`` cannot answer anything now, or ``None``: a front then refuses with 503 before
+    any work. A source that can close says so with a ``closed()`` method of its own (it raises
+    :class:`Closed` if asked all the same); most never close."""
+    check = getattr(source, "closed", None)
+    return check() if check is not None else None
+
+
 @dataclass(frozen=True)
 class Sampling:
     """One request's generation settings, as a front received them; ``None`` keeps the source's own.

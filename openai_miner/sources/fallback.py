@@ -4,7 +4,8 @@ An answer never mixes two models: the local model takes over only if the upstrea
 its first token; a failure after that ends the stream with what was sent. A circuit breaker stops
 paying the upstream's timeouts and retries while it is down: after ``failures`` consecutive
 failures, requests go straight to the local model for ``cooldown`` seconds, then one request
-probes the upstream again. Each switch is logged once. A :class:`NoAnswer` (a refused or empty
+probes the upstream again. Each switch is logged once. While the upstream is closed (its daily
+token budget spent) the local model answers without asking it. A :class:`NoAnswer` (a refused or empty
 answer) is answered locally too, but proves the upstream up rather than down. Which of the two
 answers goes on the queue as an :class:`~openai_miner.sources.base.Answering`, for the answer's result.
 """
@@ -19,11 +20,13 @@ from openai_miner.messages import Message
 from openai_miner.sources.base import (
     DEFAULT_SAMPLING,
     Answering,
+    Closed,
     Item,
     NoAnswer,
     Sampling,
     TokenSource,
     UpstreamError,
+    closed,
 )
 
 
@@ -127,6 +130,12 @@ class FallbackSource:
     def models(self) -> frozenset[str]:
         return frozenset().union(*(source.models() for source in self.members()))
 
+    def closed(self) -> str | None:
+        """Why nothing can answer now: the upstream is closed (its budget spent) and no local model."""
+        if self.local is not None or self.primary is None:
+            return None
+        return closed(self.primary)
+
     def close(self) -> None:
         """Stop whatever the local model computes (the miner calls it as it stops)."""
         close = getattr(self.local, "close", None)
@@ -147,7 +156,9 @@ class FallbackSource:
         deadline: float,
         sampling: Sampling = DEFAULT_SAMPLING,
     ) -> None:
-        if self.primary is not None and (self.local is None or self.breaker.allow()):
+        if self.primary is not None and (
+            self.local is None or (closed(self.primary) is None and self.breaker.allow())
+        ):
             queue.put_nowait(Answering(self.primary.name))
             counted = _Counted(queue)
             try:
@@ -156,7 +167,9 @@ class FallbackSource:
                 self.breaker.abandon()
                 raise
             except Exception as error:
-                if isinstance(error, NoAnswer):
+                if isinstance(error, Closed):
+                    self.breaker.abandon()  # not asked: proves nothing either way
+                elif isinstance(error, NoAnswer):
                     self.breaker.success()  # it answered: this prompt failed, the upstream did not
                 else:
                     self.breaker.failure()

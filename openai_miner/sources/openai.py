@@ -15,17 +15,23 @@ SDK would build a pydantic ``ChatCompletionChunk`` for each, which LangChain tur
 into a dict, about half of the CPU the path spent per token.
 """
 
-import argparse
 import asyncio
 import time
 import traceback
 from collections import Counter
-from typing import Any, Self, Sequence
+from collections.abc import Sequence
+from typing import Any, Self
 
 import bittensor as bt
 import openai
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
 from langchain_core.messages.tool import invalid_tool_call, tool_call
 from langchain_core.outputs import ChatGenerationChunk
 from langchain_openai import ChatOpenAI
@@ -38,10 +44,11 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from openai_miner.config import at_least
+from openai_miner.budget import DailyBudget
 from openai_miner.messages import Message
 from openai_miner.sources.base import (
     DEFAULT_SAMPLING,
+    Closed,
     Finish,
     Item,
     NoAnswer,
@@ -54,32 +61,6 @@ from openai_miner.sources.base import (
 
 RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 REFUSED_STATUS = frozenset({400, 413, 422})  # the prompt's fault (over the context...), not the server's
-
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--openai.model_name", "--neuron.model_id", dest="openai.model_name", type=str,
-        default="gpt-4o-mini", help="Chat model name, as the server knows it.",
-    )
-    parser.add_argument(
-        "--openai.temperature", "--neuron.temperature", dest="openai.temperature", type=at_least(0, float),
-        default=0.7, help="Sampling temperature.",
-    )
-    parser.add_argument(
-        "--openai.max_tokens", "--neuron.max_tokens", dest="openai.max_tokens", type=at_least(1),
-        default=1024, help="Most tokens in one answer.",
-    )
-    parser.add_argument(
-        "--openai.base_url", type=str, default=None,
-        help="OpenAI-compatible server (vLLM, a proxy); default: OpenAI's API.",
-    )
-    parser.add_argument(
-        "--openai.timeout", type=at_least(0, float, inclusive=False), default=30.0, help="Seconds for one upstream request."
-    )
-    parser.add_argument(
-        "--openai.max_retries", type=at_least(0), default=2,
-        help="Retries of a transient upstream error before the first token, within the deadline.",
-    )
 
 
 class QueueWriter:
@@ -279,6 +260,16 @@ def error_kind(error: BaseException) -> str:
     return "malformed"
 
 
+def spent(writer: QueueWriter, messages: Sequence[Message]) -> int:
+    """Tokens an answer cost: the upstream's usage; without it (a stream cut, a server that does not
+    count), about four characters a prompt token and a token a chunk, or nothing if nothing came."""
+    if writer.usage is not None:
+        return writer.usage.total_tokens
+    if not writer.answered:
+        return 0
+    return sum(len(message.content) for message in messages) // 4 + writer.tokens + writer.calls
+
+
 def upstream_error(error: Exception) -> UpstreamError:
     """What a failed answer tells the core: the prompt refused (:class:`NoAnswer`), or the upstream failing."""
     if isinstance(error, openai.APIStatusError):
@@ -338,7 +329,9 @@ class OpenAISource:
     name = "openai"
 
     @classmethod
-    def from_config(cls, config: Any, api_key: SecretStr | None) -> "OpenAISource":
+    def from_config(
+        cls, config: Any, api_key: SecretStr | None, budget: DailyBudget | None = None
+    ) -> "OpenAISource":
         settings = config.openai
         model = chat_openai(
             model=settings.model_name,
@@ -348,7 +341,7 @@ class OpenAISource:
             max_tokens=settings.max_tokens,
             timeout=settings.timeout,
         )
-        return cls(model, max_retries=settings.max_retries)
+        return cls(model, max_retries=settings.max_retries, max_tokens=settings.max_tokens, budget=budget)
 
     def __init__(
         self,
@@ -357,9 +350,13 @@ class OpenAISource:
         max_retries: int = 2,
         backoff: float = 0.25,
         max_backoff: float = 4.0,
+        max_tokens: int | None = None,
+        budget: DailyBudget | None = None,
     ) -> None:
         self.model = model
         self.max_retries = max_retries
+        self.max_tokens = max_tokens
+        self.budget = budget
         self.errors: Counter[str] = Counter()  # failed attempts by kind (error_kind), for the metrics
         self._backoff = wait_exponential_jitter(initial=backoff, max=max_backoff, jitter=backoff)
 
@@ -374,6 +371,12 @@ class OpenAISource:
     def models(self) -> frozenset[str]:
         return frozenset({self.model_name})
 
+    def closed(self) -> str | None:
+        """Why the upstream may not be called now: its daily token budget is spent."""
+        if self.budget is not None and self.budget.exhausted():
+            return f"the upstream's daily token budget ({self.budget.limit:,} tokens) is spent until 00:00 UTC"
+        return None
+
     async def produce(
         self,
         messages: Sequence[Message],
@@ -381,9 +384,14 @@ class OpenAISource:
         deadline: float,
         sampling: Sampling = DEFAULT_SAMPLING,
     ) -> None:
+        shut = self.closed()
+        if shut is not None:
+            raise Closed(shut)
         chat = langchain_messages(messages)
         writer = QueueWriter(queue, logprobs=sampling.top_logprobs is not None)
         options = request_options(sampling)
+        if self.max_tokens is not None and sampling.max_tokens is not None and sampling.max_tokens > self.max_tokens:
+            options["max_tokens"] = self.max_tokens  # a caller may ask for less than the miner pays for, never more
 
         def wait(state: RetryCallState) -> float:
             error = state.outcome.exception() if state.outcome else None
@@ -418,6 +426,9 @@ class OpenAISource:
         except (openai.OpenAIError, ValueError, TypeError, AttributeError, KeyError) as error:
             release(error)
             raise upstream_error(error) from error
+        finally:
+            if self.budget is not None:
+                self.budget.charge(spent(writer, messages))
         if not writer.answered:
             raise NoAnswer("the upstream answered with no text")
         queue.put_nowait(writer.finish())

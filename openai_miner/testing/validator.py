@@ -123,8 +123,8 @@ async def ask_http(
 ) -> Answer:
     """Ask the HTTP front on 127.0.0.1:``port`` for a streamed answer (``client`` signs, see
     :func:`signing_client`), recording every content chunk as it comes; its tool calls (each
-    call's argument fragments joined as they came), finish reason and usage chunk too.
-    ``extra``: more fields of the body (``tools``, ``stream_options``...)."""
+    call's argument fragments joined as they came), finish reason and usage chunk too; a refusal's
+    reason in ``message``. ``extra``: more fields of the body (``tools``, ``stream_options``...)."""
     body = {"model": "any", "messages": [{"role": "user", "content": content}], "stream": True, **(extra or {})}
     answer = Answer(label=label, started=time.monotonic())
     try:
@@ -133,6 +133,11 @@ async def ask_http(
             headers={"X-Client-Timeout": str(timeout)}, timeout=timeout + 5,
         ) as response:
             answer.status = response.status_code
+            if response.status_code != 200:  # a refusal: its OpenAI-style reason
+                await response.aread()
+                answer.message = str(((_json_or_none(response) or {}).get("error") or {}).get("message", ""))
+                answer.ended = time.monotonic()
+                return answer
             async for line in response.aiter_lines():
                 event = sse_event(line)
                 if event is None:
@@ -151,6 +156,14 @@ async def ask_http(
         answer.error = f"{type(error).__name__}: {error}"
     answer.ended = time.monotonic()
     return answer
+
+
+def _json_or_none(response: httpx.Response) -> dict[str, Any] | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def _add_piece(calls: list[dict[str, Any]], piece: dict[str, Any]) -> None:

@@ -58,10 +58,12 @@ def exit_code(error: BaseException) -> tuple[int, str]:
 
 def summary(miner: OpenAIMiner) -> str:
     config = miner.config
+    budget = miner.core.budget
+    spend = f" | upstream budget {budget.limit:,} tokens a day, {budget.spent:,} spent today" if budget else ""
     return (
         f"openai-miner | network {'mock' if config.mock else config.subtensor.network} | "
         f"netuid {config.netuid} | hotkey {miner.wallet.hotkey.ss58_address} | "
-        f"{miner.summary()} | backend {miner.backend()} | "
+        f"{miner.summary()} | backend {miner.backend()}{spend} | "
         f"batch {config.neuron.streaming_batch_size} tokens"
     )
 

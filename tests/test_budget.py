@@ -11,6 +11,7 @@ import bittensor as bt
 import httpx
 import pytest
 
+from openai_miner import cli
 from openai_miner.budget import STATE_FILE, DailyBudget
 from openai_miner.messages import Message
 from openai_miner.sources.base import DEFAULT_SAMPLING, Closed, Sampling
@@ -203,6 +204,7 @@ async def test_spent_without_a_local_model_every_front_refuses_503_and_a_restart
         miner.stop_run_thread()
 
         again = serve_miner(*budget_flags(up, state, "--fallback.off", "--axon.off", "--http.port", str(free_port())))
+        assert f"| upstream budget 1 tokens a day, {miner.core.budget.spent} spent today |" in cli.summary(again)
         async with signing_client(validator.hotkey, hotkey) as client:
             after = await ask_http(client, again.config.http.port, "two words")
         assert after.status == 503 and len(up.requests) == 1

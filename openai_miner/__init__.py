@@ -1,11 +1,12 @@
-"""openai-miner: any OpenAI-compatible chat model as a streaming Bittensor miner, on two fronts.
+"""openai-miner: any OpenAI-compatible chat model as a streaming Bittensor miner, on fronts of one core.
 
 The public names load on first use (PEP 562): ``import openai_miner`` alone, as ``openai-miner
 --version`` does, costs no bittensor, uvicorn or LangChain import (seconds on a small machine).
 """
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from openai_miner.lazy import exports
 
 __version__ = "0.1.0"
 
@@ -25,14 +26,4 @@ _HOMES = {
 __all__ = ["Miner", "OpenAIMiner", "StreamPromptingSynapse", "TokenSource"]
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'openai_miner' has no attribute {name!r}")
-    value = getattr(import_module(home), name)
-    globals()[name] = value  # once: later lookups never come here
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = exports(__name__, _HOMES)

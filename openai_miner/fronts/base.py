@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import bittensor as bt
 import uvicorn
+from starlette.types import ASGIApp
 
 from openai_miner.config import ConfigError
 from openai_miner.startup import StartupError, ensure_port_free
@@ -111,6 +112,36 @@ class Front(abc.ABC):
     def summary(self) -> str:
         """Its piece of the summary line."""
         return f"{self.name} {self.host}:{self.port}"
+
+
+class AppFront(Front):
+    """A front that is one ASGI app on a port of its own: served when ``--NAME.port`` is set, on
+    ``--NAME.host``. A subclass declares those two flags (``add_args``) and builds its :meth:`app`."""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in vars(cls):
+            cls.port_flag = f"--{cls.name}.port"
+            cls.switch = f"--{cls.name}.port PORT"
+
+    @classmethod
+    def enabled(cls, config: bt.Config) -> bool:
+        return getattr(config, cls.name).port is not None
+
+    @property
+    def host(self) -> str:
+        return getattr(self.miner.config, self.name).host
+
+    @property
+    def port(self) -> int:
+        return getattr(self.miner.config, self.name).port
+
+    @abc.abstractmethod
+    def app(self) -> ASGIApp:
+        """Its ASGI application, built once at start (the miner and its core exist by then)."""
+
+    def server(self) -> uvicorn.Server:
+        return uvicorn.Server(uvicorn.Config(self.app(), host=self.host, port=self.port, log_level="warning"))
 
 
 def built_in() -> tuple[type[Front], ...]:

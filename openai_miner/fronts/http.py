@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping, Sequence
 
 import bittensor as bt
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -501,31 +500,17 @@ def _timeout(header: str | None, body: float | None) -> float | None:
     return value if value is not None and 0 < value <= MAX_TIMEOUT else body
 
 
-class Front(base.Front):
+class Front(base.AppFront):
     """The HTTP front as the miner serves it (``--http.port``): :class:`HttpFront` on the miner's core,
     verifying signatures made for the miner's hotkey."""
 
     name = "http"
     label = "HTTP front"
-    port_flag = "--http.port"
-    switch = "--http.port PORT"
     add_args = staticmethod(add_args)
-
-    @classmethod
-    def enabled(cls, config: bt.Config) -> bool:
-        return config.http.port is not None
 
     @classmethod
     def advertise_asked(cls, config: bt.Config) -> bool:
         return config.http.advertise
-
-    @property
-    def host(self) -> str:
-        return self.miner.config.http.host
-
-    @property
-    def port(self) -> int:
-        return self.miner.config.http.port
 
     def app(self) -> Starlette:
         core = self.core
@@ -536,6 +521,3 @@ class Front(base.Front):
             tasks=self.miner.config.http.tasks,
             max_body_bytes=self.miner.config.neuron.max_body_bytes,
         ).app
-
-    def server(self) -> uvicorn.Server:
-        return uvicorn.Server(uvicorn.Config(self.app(), host=self.host, port=self.port, log_level="warning"))

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import bittensor as bt
-import uvicorn
 from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -484,27 +483,13 @@ class LooshFront:
         return answering.result(), text_of(pieces), tool_calls(pieces)
 
 
-class Front(base.Front):
+class Front(base.AppFront):
     """The SN78 front as the miner serves it (``--loosh.port``): :class:`LooshFront` on the miner's
     core, available while the miner can answer, its RSA key made at start."""
 
     name = "loosh"
     label = "SN78 front"
-    port_flag = "--loosh.port"
-    switch = "--loosh.port PORT"
     add_args = staticmethod(add_args)
-
-    @classmethod
-    def enabled(cls, config: bt.Config) -> bool:
-        return config.loosh.port is not None
-
-    @property
-    def host(self) -> str:
-        return self.miner.config.loosh.host
-
-    @property
-    def port(self) -> int:
-        return self.miner.config.loosh.port
 
     def app(self) -> Starlette:
         settings = self.miner.config
@@ -516,6 +501,3 @@ class Front(base.Front):
             max_keys_per_validator=settings.loosh.max_keys_per_validator,
             max_body_bytes=settings.neuron.max_body_bytes,
         ).app
-
-    def server(self) -> uvicorn.Server:
-        return uvicorn.Server(uvicorn.Config(self.app(), host=self.host, port=self.port, log_level="warning"))

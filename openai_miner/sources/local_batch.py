@@ -10,12 +10,14 @@ request's event loop with ``call_soon_threadsafe``: nothing blocks the event loo
 import asyncio
 import itertools
 import math
+import mmap
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import bittensor as bt
 import torch
+from torch.overrides import TorchFunctionMode
 from transformers import PreTrainedTokenizerBase
 
 from openai_miner.sources.local_text import Decoder, penalize
@@ -28,6 +30,62 @@ def cb_classes() -> tuple[type, type]:
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     return ContinuousBatchingLogitsProcessor, ContinuousBatchingConfig
+
+
+LAZY_ZEROS_BYTES = 1 << 20
+"""Smallest CPU ``torch.zeros`` that :class:`LazyZeros` hands out as untouched memory."""
+
+
+class LazyZeros(TorchFunctionMode):
+    """``torch.zeros`` on CPU, from ``LAZY_ZEROS_BYTES`` up, as fresh anonymous memory the kernel
+    zero-fills page by page when first written: the same zeros, resident only where used.
+
+    transformers allocates the paged KV cache of a continuous batch at once with ``torch.zeros``,
+    which writes every byte: 1.46 GB resident for SmolLM2-135M's default cache (32 requests of
+    1024 tokens, 45 KB a token in float32) before any request, 2.5 GB for the whole miner
+    (measured, ``python -m bench.memory``). Its pages are now resident once a request writes them.
+    Active only in the thread that enters it (torch's function modes are per thread).
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.zeros:
+            lazy = _lazy_zeros(args, kwargs)
+            if lazy is not None:
+                return lazy
+        return func(*args, **kwargs)
+
+
+def _lazy_zeros(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """``torch.zeros(*args, **kwargs)`` backed by a private anonymous mapping, or None where it is
+    not a plain CPU allocation of at least ``LAZY_ZEROS_BYTES``."""
+    if set(kwargs) - {"dtype", "device"}:
+        return None  # out=, requires_grad=, layout=, pin_memory=...
+    size = args[0] if len(args) == 1 and not isinstance(args[0], int) else args
+    if not all(isinstance(n, int) for n in size):
+        return None
+    device = torch.device(kwargs.get("device") or "cpu")
+    dtype = kwargs.get("dtype") or torch.get_default_dtype()
+    if device.type != "cpu" or dtype.is_complex or dtype == torch.bool:
+        return None
+    nbytes = math.prod(size) * dtype.itemsize
+    if nbytes < LAZY_ZEROS_BYTES:
+        return None
+    # The tensor keeps the mapping alive; it is unmapped with the last view of it.
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(memory, dtype=torch.uint8).view(dtype).view(tuple(size))
+
+
+def lazy_cache(manager: Any) -> None:
+    """Make ``manager`` (a ContinuousBatchingManager, not started) allocate its paged cache lazily
+    (:class:`LazyZeros`): its thread creates the cache when it starts."""
+    create = manager._create_batch_processor
+
+    def create_lazily() -> Any:
+        with LazyZeros():
+            return create()
+
+    manager._create_batch_processor = create_lazily
 
 
 def batch_processors(penalty: float | None, exempt: frozenset[int] = frozenset()) -> list[Any]:

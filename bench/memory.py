@@ -25,7 +25,6 @@ from typing import Any
 
 import bittensor as bt
 
-from bench import procstat
 from bench.first_failure import add_miner_args, start_miner
 from bench.record import Started, header, save
 from bench.validators import Validators
@@ -50,7 +49,7 @@ def reference(model: str | None, stage: str) -> dict[str, Any]:
     """In this process: ``imports`` (torch, transformers) or ``transformers`` (load the model with
     transformers alone, float32 on CPU, and answer one question with ``generate()``)."""
     import torch
-    import transformers  # noqa: F401
+    import transformers
 
     out: dict[str, Any] = {"imports": status_mb()}
     if stage == "imports":
@@ -79,7 +78,7 @@ def run_reference(model: str | None, stage: str) -> dict[str, Any]:
     import subprocess
 
     argv = [sys.executable, "-m", "bench.memory", "--reference", stage, *(["--model", model] if model else [])]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False, cwd=Path(__file__).parent.parent)
     if done.returncode != 0:
         raise RuntimeError(f"reference {stage} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -110,11 +109,15 @@ def run_miner(args: argparse.Namespace, upstream: LoopbackUpstream) -> dict[str,
             axon = axon_info(miner.ports["axon"], wallet.hotkey.ss58_address, wallet.coldkeypub.ss58_address)
             rounds = []
             for _ in range(args.rounds):
+                began = time.monotonic()
                 answers = asyncio.run(ask_round(axon, args.questions, args.timeout))
                 rounds.append({
                     "answered": sum(1 for a in answers if a.status == 200 and a.text.strip()),
                     "asked": len(answers),
+                    "seconds": round(time.monotonic() - began, 1),
+                    "distinct_answers": len({a.text for a in answers}),
                     "chars": [len(a.text) for a in answers],
+                    "first": answers[0].text if answers else "",
                     **status_mb(pid),
                 })
             result["rounds"] = rounds
@@ -124,18 +127,21 @@ def run_miner(args: argparse.Namespace, upstream: LoopbackUpstream) -> dict[str,
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        "| process | RSS after load (MB) | RSS after answers (MB) | peak (MB) |",
-        "| --- | --- | --- | --- |",
+        "| process | RSS after load (MB) | RSS after answers (MB) | peak (MB) | answers |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for name, ref in result["references"].items():
         after = ref.get("answers", ref.get("load", ref["imports"]))
-        lines.append(f"| reference: {name} | {ref.get('load', ref['imports'])['rss']} | {after['rss']} | {after['peak']} |")
+        lines.append(
+            f"| reference: {name} | {ref.get('load', ref['imports'])['rss']} | {after['rss']} | {after['peak']} | |"
+        )
     miner = result["miner"]
     last = miner["rounds"][-1] if miner["rounds"] else miner["load"]
-    answered = ", ".join(f"{r['answered']}/{r['asked']}" for r in miner["rounds"])
+    answered = ", ".join(f"{r['answered']}/{r['asked']} in {r['seconds']:g} s" for r in miner["rounds"])
+    flags = " ".join(result["flags"])
     lines.append(
-        f"| openai-miner (max_batch {result['max_batch']}, answered {answered}) | {miner['load']['rss']} "
-        f"| {last['rss']} | {last['peak']} (load: {miner['load']['peak']}) |"
+        f"| openai-miner {flags} (max_batch {result['max_batch']}) | {miner['load']['rss']} "
+        f"| {last['rss']} | {last['peak']} (load: {miner['load']['peak']}) | {answered} |"
     )
     return "\n".join(lines) + "\n"
 

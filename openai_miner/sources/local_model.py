@@ -5,6 +5,7 @@ the default one). With no model hub reachable, a hub id fails at once instead of
 of retries.
 """
 
+import ctypes
 import functools
 import importlib.util
 import os
@@ -135,6 +136,18 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Loading a GGUF file de-quantizes it through many temporary arrays; glibc keeps the heap pages
+    they freed: about 20 MB of SmolLM2's load stayed resident without this (measured).
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_model(model: str, device: str, dtype: str | None = "auto") -> LoadedModel:
     """Load a hub id, a ``save_pretrained`` directory or a ``.gguf`` file, ready to generate.
 
@@ -162,6 +175,7 @@ def load_model(model: str, device: str, dtype: str | None = "auto") -> LoadedMod
         torch.cuda.reset_peak_memory_stats(device)
     loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs).to(device)
     loaded.eval()
+    trim_heap()
     memory = f"{parameter_megabytes(loaded):.0f} MB of parameters"
     if device.startswith("cuda"):
         memory += f", {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB CUDA peak"

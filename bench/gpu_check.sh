@@ -35,12 +35,10 @@ fi
 
 out=${1:-${OUT:-bench/results}}
 mkdir -p "$out"
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD
-else
-    export PYTHONPATH=$PWD
-fi
+# The package itself is installed too (not only put on the path): its prompts/ installs as openai_miner.prompts.
+wheels=(); [ -d .whl ] && wheels=(.whl/*.whl)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-build-isolation --target /tmp/site "${wheels[@]}" . || exit 1
+export PYTHONPATH=/tmp/site:$PWD
 export HF_HUB_OFFLINE=1 OPENAI_MINER_TEST_DEVICE=cuda PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu_device.txt" 2>&1
 

@@ -15,13 +15,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import bittensor as bt
 
+from openai_miner import sources
 from openai_miner.access import Access
 from openai_miner.budget import DailyBudget
 from openai_miner.config import add_bool, at_least
 from openai_miner.messages import InvalidPrompt, Message, to_chat_messages
 from openai_miner.metrics import Metrics
 from openai_miner.sources.base import DEFAULT_SAMPLING, Sampling, TokenSource, closed
-from openai_miner.sources.fallback import FallbackSource
 from openai_miner.streaming import Emit, Outcome, StreamResult, stream_answer, stream_deadline
 from openai_miner.system_prompts import SystemPrompts
 from openai_miner.tally import Tally
@@ -143,8 +143,13 @@ class Core:
         self.log_answers = log_answers
         self.budget = budget
         self.stats = Stats()
-        self.metrics = Metrics(refusals=lambda: access.refusals.totals, fallback_active=fallback_active(source))
-        self.tally = tally or Tally(fallback=fallback_name(source))
+        self.metrics = Metrics(
+            refusals=lambda: access.refusals.totals,
+            fallback_active=sources.fallback_active(source),
+            upstream_errors=sources.upstream_errors(source),
+            local_load=sources.local_load(source),
+        )
+        self.tally = tally or Tally(fallback=sources.fallback_name(source), refusals=lambda: access.refusals.totals)
 
     @classmethod
     def from_config(
@@ -274,18 +279,3 @@ class Core:
             bt.logging.error("stopping: --neuron.stop_on_forward_exception is set")
             self.on_failure()
 
-
-def fallback_name(source: TokenSource) -> str | None:
-    """The source that answers when the upstream fails, when ``source`` has both; its share of the
-    answers is the summary's fallback share."""
-    if isinstance(source, FallbackSource) and source.primary is not None and source.local is not None:
-        return source.local.name
-    return None
-
-
-def fallback_active(source: TokenSource) -> Callable[[], bool] | None:
-    """Whether the circuit breaker now skips the upstream, when ``source`` has an upstream and a
-    local fallback (``None`` otherwise: nothing to fall back from)."""
-    if isinstance(source, FallbackSource) and fallback_name(source) is not None:
-        return lambda: source.breaker.state != "closed"
-    return None

@@ -3,8 +3,10 @@
 Each :class:`~openai_miner.core.Core` counts into a :class:`Metrics` of its own, on a registry of
 its own (not prometheus_client's global one), so that two miners in one process (tests, the
 benchmark) never share counts; ``--metrics.port`` serves it (:mod:`openai_miner.fronts.metrics`).
-Labels are few and bounded (front, outcome, source, the kind of a refusal): no hotkey, so the
-number of series stays small whatever callers send.
+Labels are few and bounded (front, outcome, source, the kind of a refusal or of an upstream
+error): no hotkey, so the number of series stays small whatever callers send. What is counted
+elsewhere (refusals, upstream errors, the local batch, the spend) is read at each scrape by a
+collector, never copied.
 """
 
 from __future__ import annotations
@@ -48,17 +50,84 @@ class FallbackCollector(Collector):
         )
 
 
+class UpstreamErrorCollector(Collector):
+    """The upstream's failed attempts by kind (the HTTP status, ``timeout``, ``connection``,
+    ``malformed``), retried ones too, read at each scrape from the source's own count
+    (:func:`~openai_miner.sources.upstream_errors`)."""
+
+    def __init__(self, totals: Callable[[], Mapping[str, int]]) -> None:
+        self.totals = totals
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "openai_miner_upstream_errors", "Failed upstream attempts (retried ones too), by HTTP status or kind.",
+            labels=["kind"],
+        )
+        for kind, count in sorted(self.totals().items()):
+            family.add_metric([kind], count)
+        yield family
+
+
+class LocalLoadCollector(Collector):
+    """The local model's batch size and queue depth now (:func:`~openai_miner.sources.local_load`)."""
+
+    def __init__(self, load: Callable[[], tuple[int, int]]) -> None:
+        self.load = load
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        generating, waiting = self.load()
+        yield GaugeMetricFamily(
+            "openai_miner_local_generating", "Requests the local model generates for now (its batch size).",
+            value=generating,
+        )
+        yield GaugeMetricFamily(
+            "openai_miner_local_waiting", "Requests waiting for a place in the local model's batch.", value=waiting
+        )
+
+
+class BudgetCollector(Collector):
+    """The upstream's tokens spent today (UTC) and the daily budget they are counted against
+    (``--openai.daily_token_budget``); ``reading`` gives both as ``(spent, limit)``."""
+
+    def __init__(self, reading: Callable[[], tuple[int, int]]) -> None:
+        self.reading = reading
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        spent, limit = self.reading()
+        yield GaugeMetricFamily(
+            "openai_miner_upstream_tokens_spent",
+            "Upstream tokens (prompt + completion) spent today, UTC; back to 0 at midnight.", value=spent,
+        )
+        yield GaugeMetricFamily(
+            "openai_miner_upstream_token_budget", "Upstream tokens the miner may spend a UTC day.", value=limit
+        )
+
+
 class Metrics:
-    """Counters and histograms of one core's answers, its access policy's refusals, and (a miner
-    with an upstream and a local fallback) whether the fallback is active."""
+    """Counters and histograms of one core's answers, and what is read at each scrape from where it
+    is counted: its access policy's refusals, and, each when the miner has it (``None``: no such
+    series), whether the fallback is active, the upstream's errors by kind, the local model's batch
+    and queue, and the day's spend against the budget as ``(spent, limit)``."""
 
     def __init__(
-        self, refusals: Callable[[], Mapping[str, int]] = dict, fallback_active: Callable[[], bool] | None = None
+        self,
+        refusals: Callable[[], Mapping[str, int]] = dict,
+        fallback_active: Callable[[], bool] | None = None,
+        *,
+        upstream_errors: Callable[[], Mapping[str, int]] | None = None,
+        local_load: Callable[[], tuple[int, int]] | None = None,
+        budget: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(RefusalCollector(refusals))
         if fallback_active is not None:
             self.registry.register(FallbackCollector(fallback_active))
+        if upstream_errors is not None:
+            self.registry.register(UpstreamErrorCollector(upstream_errors))
+        if local_load is not None:
+            self.registry.register(LocalLoadCollector(local_load))
+        if budget is not None:
+            self.registry.register(BudgetCollector(budget))
         self.answers = Counter(
             "openai_miner_answers", "Answers given, by front, outcome and the source that answered.",
             ["front", "outcome", "source"], registry=self.registry,

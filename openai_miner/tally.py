@@ -2,7 +2,8 @@
 
 A busy miner turns its per-answer lines off (``--no-neuron.log_answers``) but still wants to see,
 at the default level, how it is doing: answers by outcome and by source, the share the local
-fallback answered, tokens per second and time to first chunk. Like the refusal summary
+fallback answered, tokens per second, time to first chunk, and the requests refused in the window
+by reason (the difference of the access policy's running totals). Like the refusal summary
 (:class:`~openai_miner.access.Refusals`), the line is written when an answer is counted and the
 window is at least ``every`` seconds old, so a silent miner writes nothing and no timer thread
 is needed; the line says how many seconds it covers.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import bittensor as bt
 
@@ -30,10 +31,16 @@ class Tally:
     """Answers counted since the last summary line; fronts answer from several threads, hence the lock."""
 
     def __init__(
-        self, every: float = 60.0, fallback: str | None = None, clock: Callable[[], float] = time.monotonic
+        self,
+        every: float = 60.0,
+        fallback: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        refusals: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         self.every = every
         self.fallback = fallback  # the source that answers when the upstream fails; None: no fallback
+        self._refusals = refusals  # every refusal since the start, by kind (Refusals.totals)
+        self._refused_before: Counter[str] = Counter(dict(refusals()))
         self._clock = clock
         self._lock = threading.Lock()
         self._since = clock()
@@ -73,10 +80,15 @@ class Tally:
         if self._first_chunks:
             p50, p95 = percentile(self._first_chunks, 0.5), percentile(self._first_chunks, 0.95)
             line += f" | first chunk p50 {p50:.2f}s p95 {p95:.2f}s"
+        refused = Counter(dict(self._refusals())) - self._refused_before
+        if refused:
+            reasons = ", ".join(f"{reason} {count}" for reason, count in refused.most_common())
+            line += f" | refused {sum(refused.values())}: {reasons}"
         return line
 
     def _reset(self, now: float) -> None:
         self._since = now
+        self._refused_before = Counter(dict(self._refusals()))
         self._outcomes.clear()
         self._sources.clear()
         self._tokens = 0

@@ -7,8 +7,9 @@ it must answer (no key) or is asked to (``--fallback.preload``).
 
 import argparse
 import re
+from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import bittensor as bt
 from pydantic import SecretStr
@@ -129,8 +130,54 @@ def build(config: bt.Config, api_key: SecretStr | None, budget: "DailyBudget | N
 def descriptions(source: TokenSource) -> dict[str, str]:
     """What each source that may answer for ``source`` is, by the name an answer's result gives
     (:attr:`~openai_miner.streaming.StreamResult.source`): the fallback's members, or itself."""
-    members = source.members() if isinstance(source, FallbackSource) else [source]
-    return {member.name: member.describe() for member in members}
+    return {member.name: member.describe() for member in members(source)}
+
+
+def members(source: TokenSource) -> list[TokenSource]:
+    """The sources that may answer for ``source``: the fallback's members (the upstream first), or itself."""
+    return source.members() if isinstance(source, FallbackSource) else [source]
+
+
+def fallback_name(source: TokenSource) -> str | None:
+    """The source that answers when the upstream fails, when ``source`` has both (its share of the
+    answers is the summary's fallback share); ``None`` when there is nothing to fall back from."""
+    if isinstance(source, FallbackSource) and source.primary is not None and source.local is not None:
+        return source.local.name
+    return None
+
+
+def fallback_active(source: TokenSource) -> Callable[[], bool] | None:
+    """Whether the circuit breaker now skips the upstream, when ``source`` has an upstream and a
+    local fallback (``None`` otherwise: nothing to fall back from)."""
+    if isinstance(source, FallbackSource) and fallback_name(source) is not None:
+        return lambda: source.skipping_upstream
+    return None
+
+
+def upstream_errors(source: TokenSource) -> Callable[[], dict[str, int]] | None:
+    """The upstream's failed attempts so far by kind (``"429"``, ``"timeout"``..., see
+    :func:`~openai_miner.sources.openai.error_kind`), read when called; ``None`` without an upstream."""
+    counters = [errors for member in members(source) if isinstance(errors := getattr(member, "errors", None), Counter)]
+    if not counters:
+        return None
+
+    def totals() -> dict[str, int]:
+        summed: Counter[str] = Counter()
+        for errors in counters:
+            summed.update(dict(errors))  # dict(): one atomic copy while the serving thread counts
+        return dict(summed)
+
+    return totals
+
+
+def local_load(source: TokenSource) -> Callable[[], tuple[int, int]] | None:
+    """The local model's requests (generating now, waiting for a place in its batch), read when
+    called; ``None`` when no local model may answer. Read by attribute, so that naming the local
+    source here does not import torch."""
+    local: Any = next((member for member in members(source) if hasattr(member, "waiting")), None)
+    if local is None:
+        return None
+    return lambda: (local.generating, local.waiting)
 
 
 def install_hint(requirement: str) -> str:

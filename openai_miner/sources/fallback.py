@@ -122,6 +122,12 @@ class FallbackSource:
         return [source for source in (self.primary, self.local) if source is not None]
 
     @property
+    def skipping_upstream(self) -> bool:
+        """Whether the circuit breaker now sends requests straight to the local model (open, or
+        half-open while one request probes the upstream)."""
+        return self.breaker.state != "closed"
+
+    @property
     def loaded(self) -> bool:
         """Whether no answer would wait for a model to load: an upstream needs none, the local model
         may still be loading."""

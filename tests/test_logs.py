@@ -12,7 +12,7 @@ from typing import Sequence
 import bittensor as bt
 
 from openai_miner import logs
-from openai_miner.access import Access, AccessPolicy, RateLimiter, RecentPrompts
+from openai_miner.access import Access, AccessPolicy, RateLimiter, RecentPrompts, Refusals
 from openai_miner.chain import Neuron, Registry
 from openai_miner.core import Core, Question
 from openai_miner.streaming import Outcome, Piece, StreamResult
@@ -164,3 +164,32 @@ def test_the_summary_line_comes_once_a_window_is_over_with_outcomes_sources_rate
 def test_percentile_is_the_nearest_rank() -> None:
     assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0 and percentile([1.0], 0.95) == 1.0
     assert percentile([float(n) for n in range(1, 101)], 0.95) == 95.0
+
+
+def test_the_summary_line_gives_the_refusals_of_its_window_by_reason(caplog) -> None:
+    now, refusals = [0.0], Refusals(every=1e9)
+    refusals.count("hotkey 5DAAnrj7VHTznn2AWBemMuyBwZWs6FNFjdyVXUeYum3PTXFy is not registered on this subnet")  # before the window: not in its line
+    tally = Tally(every=60, clock=lambda: now[0], refusals=lambda: refusals.totals)
+    for reason in ["hotkey 5F3sa2TJAWMqDhXG6jhV4N8ko9SxwGy8TpaNS1repo5EYjQX is not registered on this subnet"] * 2 + ["more than 60 requests in a minute from this hotkey"]:
+        refusals.count(reason)
+    with caplog.at_level("INFO", logger="bittensor"):
+        now[0] = 61.0
+        tally.count(result("openai"), duration=1.0)
+        now[0] = 122.0  # a window without refusals says nothing of them
+        tally.count(result("openai"), duration=1.0)
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("answered")]
+    assert len(lines) == 2
+    assert lines[0].endswith(
+        " | refused 3: hotkey * is not registered on this subnet 2, more than * requests in a minute from this hotkey 1"
+    ), lines[0]
+    assert "refused" not in lines[1]
+
+
+async def test_the_core_s_summary_line_counts_what_its_fronts_refused(caplog) -> None:
+    answering = answering_core(FakeSource(["a", "b"]))
+    answering.tally.every = 0  # every answer ends a window
+    answering.access.refused("10.0.0.1", "hotkey 5F3sa2TJAWMqDhXG6jhV4N8ko9SxwGy8TpaNS1repo5EYjQX is not registered on this subnet")
+    with caplog.at_level("INFO", logger="bittensor"):
+        await answering.answer(Question(answering.chat(["user"], ["hi"], None), far()), ignore)
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("answered")]
+    assert len(lines) == 1 and lines[0].endswith(" | refused 1: hotkey * is not registered on this subnet 1"), lines

@@ -1,5 +1,12 @@
 """The metrics front: /metrics scraped and parsed as Prometheus does, /health, never advertised;
-refusal kinds bounded; the fallback gauge."""
+refusal kinds bounded; the fallback gauge; upstream errors from a real failing upstream; the local
+model's batch and queue; spend against the budget; the Grafana dashboard asks only for what is exposed."""
+
+import asyncio
+import json
+import re
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -9,11 +16,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from openai_miner import cli
 from openai_miner.access import MAX_KINDS, Access, AccessPolicy, RateLimiter, RecentPrompts, Refusals, reason_kind
 from openai_miner.chain import Registry
-from openai_miner.core import Core
+from openai_miner.budget import DailyBudget
+from openai_miner.core import Core, Question
+from openai_miner.messages import Message
+from openai_miner.metrics import Metrics
+from openai_miner.sources.openai import OpenAISource, chat_openai
 from openai_miner.sources.fallback import CircuitBreaker, FallbackSource
 from openai_miner.system_prompts import SystemPrompts
 from openai_miner.miner import OpenAIMiner
-from openai_miner.testing import ask_http, free_port, miner_argv, signing_client
+from openai_miner.testing import Fault, LoopbackUpstream, ask_http, free_port, miner_argv, signing_client
 from openai_miner.testing.fake_source import FakeSource
 
 WORDS = ["one", " two", " three"]
@@ -97,3 +108,115 @@ def test_fallback_active_follows_the_circuit_breaker() -> None:
     assert "openai_miner_fallback_active" not in generate_latest(
         Core(FakeSource(WORDS), access, SystemPrompts({})).metrics.registry
     ).decode()  # one source: nothing to fall back from
+
+
+def open_access() -> Access:
+    return Access(AccessPolicy(), Registry.of([]), RateLimiter(600), RecentPrompts(0.0))
+
+
+def scrape(metrics: Metrics) -> dict[tuple[str, frozenset], float]:
+    return samples(generate_latest(metrics.registry).decode())
+
+
+async def ignore(batch) -> None:
+    pass
+
+
+async def test_upstream_errors_are_counted_by_status_every_attempt_retried_ones_too() -> None:
+    with LoopbackUpstream(tokens=["Hi", " there"]) as up:
+        model = chat_openai(model="loopback", api_key="sk-test", base_url=up.base_url, max_tokens=32)
+        core = Core(OpenAISource(model, max_retries=2, backoff=0.01), open_access(), SystemPrompts({}))
+        question = Question([Message("user", "hello")], time.monotonic() + 30, front="http")
+
+        def errors() -> dict[str, float]:
+            found = scrape(core.metrics)
+            return {dict(labels)["kind"]: value for (name, labels), value in found.items() if name == "openai_miner_upstream_errors_total"}
+
+        assert errors() == {}  # the family is there, with no series yet
+        up.fault = Fault(status=500, times=2)  # two failed attempts, then the retry answers
+        assert (await core.answer(question, ignore)).outcome == "complete"
+        assert errors() == {"500": 2}
+        up.fault = Fault(status=429)  # every attempt: the answer fails after 1 + 2 retries
+        assert (await core.answer(question, ignore)).outcome == "error"
+        assert errors() == {"500": 2, "429": 3}
+        up.fault = Fault(malformed_after=1)  # a chunk that cannot be read, after the first token: not retried
+        await core.answer(question, ignore)
+        assert errors() == {"500": 2, "429": 3, "malformed": 1}
+    assert "openai_miner_upstream_errors" not in generate_latest(
+        Core(FakeSource(WORDS), open_access(), SystemPrompts({})).metrics.registry
+    ).decode()  # no upstream: no such family
+
+
+async def test_the_local_model_s_batch_and_queue_are_gauges(tiny_model: str) -> None:
+    from tests.helpers import eventually
+    from tests.helpers import local_source
+
+    local = local_source(tiny_model, max_new_tokens=5000, max_batch=1)
+    core = Core(FallbackSource(None, local, CircuitBreaker(3, 60.0)), open_access(), SystemPrompts({}))
+
+    def load() -> tuple[float, float]:
+        found = scrape(core.metrics)
+        return found["openai_miner_local_generating", frozenset()], found["openai_miner_local_waiting", frozenset()]
+
+    assert load() == (0, 0)
+    deadline = time.monotonic() + 60
+    first_queue: asyncio.Queue = asyncio.Queue()
+    first = asyncio.create_task(local.produce([Message("user", "count")], first_queue, deadline))
+    await eventually(lambda: not first_queue.empty(), within=30)  # generating: the batch's one place is taken
+    second = asyncio.create_task(local.produce([Message("user", "wait")], asyncio.Queue(), deadline))
+    await eventually(lambda: local.waiting == 1, within=30)
+    assert load() == (1, 1)
+    for task in (second, first):
+        task.cancel()
+    await asyncio.gather(first, second, return_exceptions=True)
+    await eventually(lambda: local.generating == 0, within=30)
+    assert load() == (0, 0)
+
+
+def test_spend_against_the_budget_is_read_at_each_scrape() -> None:
+    budget = DailyBudget(100_000)
+    metrics = Metrics(budget=lambda: (budget.spent, budget.limit))
+    budget.charge(1_234)
+    found = scrape(metrics)
+    assert found["openai_miner_upstream_tokens_spent", frozenset()] == 1_234
+    assert found["openai_miner_upstream_token_budget", frozenset()] == 100_000
+    budget.charge(66)
+    assert scrape(metrics)["openai_miner_upstream_tokens_spent", frozenset()] == 1_300
+    assert "openai_miner_upstream_token" not in generate_latest(Metrics().registry).decode()  # no budget: no gauges
+
+
+DASHBOARD = Path(__file__).resolve().parents[1] / "deploy" / "grafana-dashboard.json"
+
+
+def every_metric() -> Metrics:
+    """A registry with every series the miner can expose, each with at least one sample."""
+    metrics = Metrics(
+        refusals=lambda: {"invalid prompt": 1}, fallback_active=lambda: False,
+        upstream_errors=lambda: {"429": 1}, local_load=lambda: (1, 0), budget=lambda: (10, 100),
+    )
+    metrics.observe("axon", "complete", "openai", 12, 0.2, 1.5)
+    return metrics
+
+
+def test_the_grafana_dashboard_asks_only_for_what_the_miner_exposes_and_shows_all_of_it() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exposed = {name for name, _ in scrape(every_metric())}
+    families = {  # what the miner exposes, less prometheus_client's own `_created` timestamps
+        family.name for family in text_string_to_metric_families(generate_latest(every_metric().registry).decode())
+        if not family.name.endswith("_created")
+    }
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    panels = [panel for panel in dashboard["panels"] if panel["type"] != "row"]
+    asked = set()
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+            names = set(re.findall(r"\bopenai_miner_\w+", target["expr"]))
+            assert names and names <= exposed, (panel["title"], names - exposed)
+            asked |= names
+    shown = {family for family in families if any(name.startswith(family) for name in asked)}
+    assert shown == families, families - shown  # a metric added to the miner needs a panel
+    assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])

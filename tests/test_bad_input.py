@@ -9,6 +9,7 @@ import asyncio
 import json
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -191,18 +192,18 @@ async def test_prompt_over_the_local_models_context_is_truncated_to_fit(
     miner = serve_miner(
         "--fallback.model", tiny_model, "--fallback.device", "cpu", "--fallback.max_new_tokens", "12",
     )
-    local = miner.source.local
-    model = local.load().model
-    lengths: list[int] = []
-    prompt = local._prompt
+    from openai_miner.sources.local import LocalSource
 
-    def recording(*args: Any, **kwargs: Any) -> Any:  # the prompt ids the model is given
-        ids = prompt(*args, **kwargs)
+    lengths: list[int] = []
+    prompt = LocalSource._prompt
+
+    def recording(self: LocalSource, *args: Any, **kwargs: Any) -> Any:  # the prompt ids the model is given
+        ids = prompt(self, *args, **kwargs)
         lengths.append(len(ids))
         return ids
 
-    monkeypatch.setattr(local, "_prompt", recording)
-    context = model.config.max_position_embeddings
+    monkeypatch.setattr(LocalSource, "_prompt", recording)  # the miner's local source, whatever wraps it
+    context = json.loads((Path(tiny_model) / "config.json").read_text())["max_position_embeddings"]
     async with bt.Dendrite(wallet=validator) as dendrite:
         answer = await ask(dendrite, miner.axon, ["user"], ["the " * (context + 1000)], timeout=10)
         following = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=5)

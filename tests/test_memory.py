@@ -7,9 +7,10 @@ since (``python -m bench.memory``). These tests read the residency of the cache'
 """
 
 import asyncio
+import os
+import struct
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,25 +20,22 @@ from openai_miner.sources.local_batch import LAZY_ZEROS_BYTES, LazyZeros
 from tests.helpers import DEVICE
 from tests.helpers import local_source as source
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/pagemap")
 
-PAGE = 4096
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def resident_kb(tensor: torch.Tensor) -> tuple[int, int]:
-    """(size, resident) in kB of the mapping that holds ``tensor``'s first byte."""
-    address = tensor.data_ptr()
-    inside = False
-    size = 0
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        first = line.split(maxsplit=1)[0]
-        if "-" in first and ":" not in first:  # a mapping's header: start-end perms ...
-            start, end = (int(x, 16) for x in first.split("-"))
-            inside = start <= address < end
-            size = (end - start) // 1024
-        elif inside and first == "Rss:":
-            return size, int(line.split()[1])
-    raise AssertionError("no mapping holds the tensor")
+def written_pages(tensor: torch.Tensor) -> tuple[int, int]:
+    """(written, all) pages of ``tensor``'s memory, from ``/proc/self/pagemap``: written pages are
+    present and mapped by this process alone (bits 63 and 56); a page only read maps the shared
+    zero page. Not the mapping's Rss in ``smaps``: the kernel merges neighbouring mappings."""
+    start = tensor.data_ptr()
+    first, last = start // PAGE, (start + tensor.numel() * tensor.element_size() - 1) // PAGE
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = pagemap.read((last - first + 1) * 8)
+    written = sum(1 for (entry,) in struct.iter_unpack("<Q", entries) if entry >> 63 & 1 and entry >> 56 & 1)
+    return written, last - first + 1
 
 
 def test_lazy_zeros_are_zeros_resident_only_where_written() -> None:
@@ -47,13 +45,14 @@ def test_lazy_zeros_are_zeros_resident_only_where_written() -> None:
         small = torch.zeros(16)
     assert lazy.shape == (64 << 20,) and lazy.dtype == torch.uint8
     assert shaped.shape == (1024, 1024) and shaped.dtype == torch.float32
-    assert int(lazy.count_nonzero()) == 0 and int(shaped.count_nonzero()) == 0  # read: still not resident
-    size, resident = resident_kb(lazy)
-    assert size >= 64 << 10 and resident <= 64, "64 MB of zeros written at once"
+    assert int(lazy.count_nonzero()) == 0 and int(shaped.count_nonzero()) == 0
+    assert written_pages(lazy) == (0, (64 << 20) // PAGE), "64 MB of zeros written at once"
     lazy[: 10 * PAGE] = 1
-    assert resident_kb(lazy)[1] >= 10 * PAGE // 1024
+    assert written_pages(lazy)[0] == 10
     assert int(lazy.sum()) == 10 * PAGE
     assert small.numel() * 4 < LAZY_ZEROS_BYTES and small.dtype == torch.float32  # small ones as usual
+    eager = torch.zeros(64 << 20, dtype=torch.uint8)  # without the mode: torch writes every page
+    assert written_pages(eager)[0] >= written_pages(eager)[1] - 1
 
 
 def test_lazy_zeros_leave_other_allocations_alone() -> None:
@@ -71,9 +70,9 @@ async def test_the_batch_cache_is_resident_only_where_requests_wrote(tiny_model:
     while manager.batch_processor is None and time.monotonic() - started < 30:
         await asyncio.sleep(0.05)
     cache = manager.batch_processor.cache.cache_tensor
-    size, resident = resident_kb(cache)
-    assert size >= cache.numel() // 1024 > 1024  # 32 requests of 1024 tokens reserved
-    assert resident < size // 20, f"{resident} of {size} kB of an unused cache resident"
+    written, pages = written_pages(cache)
+    assert pages * PAGE >= 16 << 20  # 32 requests of 1024 tokens reserved (2 layers of 32 floats a token)
+    assert written < pages // 20, f"{written} of {pages} pages of an unused cache written"
     queue: asyncio.Queue = asyncio.Queue()
     await local.produce([Message("user", "what is the capital of france ?")], queue, time.monotonic() + 30)
     texts = []
@@ -83,4 +82,4 @@ async def test_the_batch_cache_is_resident_only_where_requests_wrote(tiny_model:
             texts.append(item)
     assert "".join(texts).strip()  # answered through the batch
     assert local._batch is not None and local._batch.manager is manager
-    assert resident_kb(cache)[1] < size // 20  # one short request wrote a few pages of it
+    assert 0 < written_pages(cache)[0] < pages // 20  # one short request wrote a few pages of it

@@ -55,6 +55,11 @@ class DailyBudget:
         self._roll()
         return max(self.limit - self.spent, 0)
 
+    def reading(self) -> tuple[int, int]:
+        """Today's spend and the limit, as the metrics report them (a new day reads 0)."""
+        self._roll()
+        return self.spent, self.limit
+
     def exhausted(self) -> bool:
         """Whether today's budget is spent (the upstream must not be called); warns once when it is."""
         self._roll()

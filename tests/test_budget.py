@@ -10,6 +10,8 @@ from pathlib import Path
 import bittensor as bt
 import httpx
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from openai_miner import cli
 from openai_miner.budget import STATE_FILE, DailyBudget
@@ -205,6 +207,13 @@ async def test_spent_without_a_local_model_every_front_refuses_503_and_a_restart
 
         again = serve_miner(*budget_flags(up, state, "--fallback.off", "--axon.off", "--http.port", str(free_port())))
         assert f"| upstream budget 1 tokens a day, {miner.core.budget.spent} spent today |" in cli.summary(again)
+        scraped = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(generate_latest(again.core.metrics.registry).decode())
+            for sample in family.samples
+        }
+        assert scraped["openai_miner_upstream_tokens_spent"] == again.core.budget.spent > 0
+        assert scraped["openai_miner_upstream_token_budget"] == 1
         async with signing_client(validator.hotkey, hotkey) as client:
             after = await ask_http(client, again.config.http.port, "two words")
         assert after.status == 503 and len(up.requests) == 1

@@ -9,8 +9,6 @@ answers so far while a request would be answered, 503 while not (the local model
 
 import argparse
 
-import bittensor as bt
-import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -32,27 +30,13 @@ def add_args(parser: argparse._ActionsContainer) -> None:
     )
 
 
-class Front(base.Front):
+class Front(base.AppFront):
     """``/metrics`` and ``/health`` on the miner's core; never published on chain."""
 
     name = "metrics"
     label = "metrics front"
-    port_flag = "--metrics.port"
-    switch = "--metrics.port PORT"
     advertisable = False
     add_args = staticmethod(add_args)
-
-    @classmethod
-    def enabled(cls, config: bt.Config) -> bool:
-        return config.metrics.port is not None
-
-    @property
-    def host(self) -> str:
-        return self.miner.config.metrics.host
-
-    @property
-    def port(self) -> int:
-        return self.miner.config.metrics.port
 
     async def health(self, request: Request) -> Response:
         ready = self.miner.can_answer()
@@ -66,6 +50,3 @@ class Front(base.Front):
         return Starlette(
             routes=[Route("/metrics", self.metrics, methods=["GET"]), Route("/health", self.health, methods=["GET"])]
         )
-
-    def server(self) -> uvicorn.Server:
-        return uvicorn.Server(uvicorn.Config(self.app(), host=self.host, port=self.port, log_level="warning"))

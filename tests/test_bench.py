@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each starts real processes (seconds of imports each): CI runs them, -m "not slow" not
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -51,6 +51,7 @@ def run_demo(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, 
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_demo_streams_the_answer_then_a_summary(capsys, tmp_path: Path) -> None:
     port = free_port()
     with LoopbackUpstream(tokens=WORDS, interval=0.01) as up:

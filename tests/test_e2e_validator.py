@@ -196,6 +196,7 @@ async def test_malformed_synapse_gets_400_while_other_streams_continue(serve_min
 # -- the real console command ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_console_command_serves_a_dendrite_and_stops_cleanly_on_sigint(tmp_path, wallets, upstream) -> None:
     port = free_port()
     wallet_path = tmp_path / "cli-wallets"
@@ -230,6 +231,7 @@ async def test_console_command_serves_a_dendrite_and_stops_cleanly_on_sigint(tmp
 # -- start-up that tells the truth (exit codes of cli.py) ------------------------------------------
 
 
+@pytest.mark.slow
 def test_busy_axon_port_exits_4_from_the_console_command(tmp_path) -> None:
     with socket.socket() as holder:
         holder.bind(("0.0.0.0", 0))

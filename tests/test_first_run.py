@@ -37,6 +37,7 @@ def serve_then_stop(tmp_path: Path, *argv: str, stop: signal.Signals = signal.SI
     return code, miner.log
 
 
+@pytest.mark.slow
 def test_a_mock_run_leaves_the_users_wallets_alone_and_writes_no_coldkey(tmp_path: Path) -> None:
     home = tmp_path / "home"
     code, log = serve_then_stop(
@@ -55,6 +56,7 @@ def test_a_mock_run_leaves_the_users_wallets_alone_and_writes_no_coldkey(tmp_pat
     assert done.returncode == 5, done.stderr
 
 
+@pytest.mark.slow
 def test_a_busy_port_exits_4_before_the_model_loads(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("0.0.0.0", 0))
@@ -65,6 +67,7 @@ def test_a_busy_port_exits_4_before_the_model_loads(tmp_path: Path) -> None:
     assert "loading the local model" not in done.stderr + done.stdout and took < 15
 
 
+@pytest.mark.slow
 def test_a_busy_http_port_exits_4(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("0.0.0.0", 0))
@@ -77,12 +80,14 @@ def test_a_busy_http_port_exits_4(tmp_path: Path) -> None:
     assert done.returncode == 4 and f"HTTP front port {port} is busy" in done.stderr, done.stderr
 
 
+@pytest.mark.slow
 def test_a_bad_device_exits_2_before_the_model_loads(tmp_path: Path) -> None:
     done, took = run_miner(tmp_path, "--mock", "--wallet.path", str(tmp_path / "w"), "--fallback.device", "gpu")
     assert done.returncode == 2 and "unknown device 'gpu'" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) <= 3 and took < 15
 
 
+@pytest.mark.slow
 def test_cuda_where_there_is_none_exits_2(tmp_path: Path) -> None:
     done, _ = run_miner(
         tmp_path, "--mock", "--wallet.path", str(tmp_path / "w"), "--axon.port", str(free_port()),
@@ -91,6 +96,7 @@ def test_cuda_where_there_is_none_exits_2(tmp_path: Path) -> None:
     assert done.returncode == 2 and "CUDA is not available" in done.stderr, done.stderr
 
 
+@pytest.mark.slow
 def test_help_fits_a_screen_with_the_miners_groups_first(tmp_path: Path) -> None:
     done, _ = run_miner(tmp_path, "--help")
     lines = done.stdout.splitlines()
@@ -106,6 +112,7 @@ def test_help_fits_a_screen_with_the_miners_groups_first(tmp_path: Path) -> None
     assert "--logging.record_log" in everything.stdout  # bittensor's own: out of the way, not gone
 
 
+@pytest.mark.slow
 def test_a_bad_flag_prints_one_usage_line_and_the_error(tmp_path: Path) -> None:
     done, _ = run_miner(tmp_path, "--openai.modle_name", "x")
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) <= 3, done.stderr
@@ -197,6 +204,7 @@ def test_the_install_hint_fits_how_the_package_was_installed(tmp_path: Path, mon
     assert hint == (f"pip install -e '{package.parent}[local]'" if editable else "pip install 'openai-miner[local]'")
 
 
+@pytest.mark.slow
 def test_the_command_says_it_loads_the_model_and_where(tmp_path: Path, tiny_model: str) -> None:
     code, log = serve_then_stop(tmp_path, "--wallet.path", str(tmp_path / "w"), "--fallback.model", tiny_model)
     assert f"loading the local model {tiny_model} on cpu before serving (about 20 s" in log
@@ -205,6 +213,7 @@ def test_the_command_says_it_loads_the_model_and_where(tmp_path: Path, tiny_mode
     assert log.count("openai-miner | network mock") == 1  # printed, not logged as well
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_right_on_the_summary_line_stops_cleanly(tmp_path: Path, stop: signal.Signals) -> None:
     # A signal raised as KeyboardInterrupt there could leave a lock held: the stop then hung for good.

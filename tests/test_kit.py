@@ -59,6 +59,7 @@ def test_sse_event_reads_openai_stream_lines() -> None:
     assert list(sse_events(body)) == [{"n": 1}, {"n": 2}] == list(sse_events(body.decode()))
 
 
+@pytest.mark.slow
 async def test_miner_process_serves_the_real_command_then_stops_it_cleanly(tmp_path: Path) -> None:
     wallets, http_port = tmp_path / "wallets", free_port()
     validator, miner_keys = make_wallet(wallets, "validator"), make_wallet(wallets, "miner")
@@ -79,6 +80,7 @@ async def test_miner_process_serves_the_real_command_then_stops_it_cleanly(tmp_p
     assert (tmp_path / "miner.log").read_text() == process.log
 
 
+@pytest.mark.slow
 def test_a_command_that_exits_before_serving_fails_at_once_with_its_output(tmp_path: Path) -> None:
     process = MinerProcess(["--mock", "--fallback.device", "gpu"], env=miner_env(tmp_path), cwd=tmp_path)
     with pytest.raises(MinerFailed, match=r"exited with code 2 before serving:\n(.|\n)*unknown device 'gpu'"):
@@ -87,6 +89,7 @@ def test_a_command_that_exits_before_serving_fails_at_once_with_its_output(tmp_p
     assert process.returncode == 2 and process.summary is None
 
 
+@pytest.mark.slow
 def test_the_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     section = README.read_text("utf-8").split("## The test kit (`openai_miner.testing`)", 1)[1]
     example = re.search(r"```python\n(.*?)```", section, re.S)
@@ -95,6 +98,7 @@ def test_the_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     exec(compile(example[1], "README.md (the test kit)", "exec"), {"__name__": "readme_example"})
 
 
+@pytest.mark.slow
 async def test_an_sn78_validator_gets_text_tool_calls_and_usage_through_the_real_command(tmp_path: Path) -> None:
     """What issue 22 promised an SN78 validator: ``openai-miner --mock --loosh.port P``, asked as Loosh's
     validator asks (handshake, Fernet challenge with tools), answers with the upstream's text, its tool

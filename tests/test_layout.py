@@ -25,6 +25,7 @@ def imported_modules(path: Path) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", SERVING)
 def test_serving_modules_load_nothing_from_the_test_kit(module: str) -> None:
     probe = (
@@ -51,6 +52,7 @@ def test_no_test_module_imports_another() -> None:
         assert not others, f"{path.name} imports {others}: share through tests/helpers.py or a fixture"
 
 
+@pytest.mark.slow
 def test_the_core_fronts_and_drain_load_no_langchain() -> None:
     """The core speaks its own types (:class:`~openai_miner.messages.Message`, a result naming its
     source): only the OpenAI source, which calls LangChain's chat model, loads LangChain."""

@@ -107,6 +107,7 @@ async def test_validator_task_name_chooses_the_system_prompt_sent_upstream(serve
     ]
 
 
+@pytest.mark.slow
 def test_pip_install_not_editable_ships_the_prompts(tmp_path: Path) -> None:
     """A wheel and an sdist built from this checkout carry prompts/, and the installed wheel finds them."""
     source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info beside setup.py

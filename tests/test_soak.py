@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import bittensor as bt
+import pytest
 
 from openai_miner.testing.upstream import Fault, LoopbackUpstream, RecordedRequest
 from openai_miner.miner import OpenAIMiner
 from openai_miner.testing.validator import Answer, ask
-from tests.helpers import FULL, TOKENS, eventually, is_local, is_upstream_prefix, local_flags, collector_paused, unfinished_http_generators
+from tests.helpers import FULL, TOKENS, eventually, is_local, is_upstream_prefix, local_flags, collector_paused, local_generating, unfinished_http_generators
 
 REQUESTS = int(os.environ.get("SOAK_REQUESTS", "300"))
 SEED = int(os.environ.get("SOAK_SEED", "6"))
@@ -229,6 +230,7 @@ async def run_batch(
     return found, counts
 
 
+@pytest.mark.slow  # 16 validators, hundreds of requests: tens of seconds
 async def test_soak(serve_miner, validator, tiny_model) -> None:
     rng = random.Random(SEED)
     with LoopbackUpstream(tokens=upstream_tokens, interval=0.01, fault=upstream_fault) as up:
@@ -237,12 +239,12 @@ async def test_soak(serve_miner, validator, tiny_model) -> None:
             "--blacklist.max_requests_per_minute", "0",  # one validator hotkey asks for all 16
             *local_flags(tiny_model, "--fallback.max_batch", "2", "--fallback.cooldown", "0.5"),
         )
-        local = miner.source.local
         dendrites = [bt.Dendrite(wallet=validator) for _ in range(CONCURRENCY)]
         with crashes_logged() as crash_log, quiet_warnings():
             warm_up = [(f"w{i}", kind, 2.0, 0.2) for i, kind in enumerate(KINDS)] * 2
             await run_batch(dendrites, miner, up, warm_up)  # pools, lazy imports, caches
-            await asyncio.sleep(1.0)
+            # the warm-up's answers all ended (the local batch empty) before the baseline is read
+            await eventually(lambda: local_generating(miner) == 0, within=3.0)
             gc.collect()
             threads, tasks, memory = threading.active_count(), axon_tasks(miner), [rss_mb()]
             started = time.monotonic()
@@ -262,7 +264,7 @@ async def test_soak(serve_miner, validator, tiny_model) -> None:
             after = await ask(dendrites[0], miner.axon, ["user"], ["ok after"], timeout=3.0)
             for dendrite in dendrites:
                 await dendrite.aclose_session()
-            await eventually(lambda: local.generating == 0, within=3.0)
+            await eventually(lambda: local_generating(miner) == 0, within=3.0)
             await eventually(lambda: axon_tasks(miner) <= tasks, within=3.0)
         open_upstream = len(up._handlers)
     gc.collect()

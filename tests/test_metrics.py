@@ -220,3 +220,17 @@ def test_the_grafana_dashboard_asks_only_for_what_the_miner_exposes_and_shows_al
     shown = {family for family in families if any(name.startswith(family) for name in asked)}
     assert shown == families, families - shown  # a metric added to the miner needs a panel
     assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def test_what_the_metrics_read_is_asked_of_the_sources_package_not_of_their_types() -> None:
+    from openai_miner import sources
+
+    upstream, local = FakeSource(WORDS, name="openai"), FakeSource(WORDS, name="local")
+    both = FallbackSource(upstream, local, CircuitBreaker(1, 60.0))
+    assert sources.members(both) == [upstream, local] and sources.members(upstream) == [upstream]
+    assert sources.fallback_name(both) == "local" and sources.fallback_active(both)() is False
+    both.breaker.failure()
+    assert sources.fallback_active(both)() is True and both.skipping_upstream
+    alone = FallbackSource(None, local, CircuitBreaker(1, 60.0))
+    assert sources.fallback_name(alone) is None and sources.fallback_active(alone) is None
+    assert sources.upstream_errors(both) is None and sources.local_load(both) is None  # fakes count neither

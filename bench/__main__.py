@@ -19,8 +19,8 @@ from bench.serve import KINDS
 from bench.report import markdown
 
 SMOKE = Settings(
-    streams=(1, 4), tokens=12, interval=0.002, repeats=1, single_runs=3,
-    throughput_tokens=(24,), soak=20, soak_every=10, soak_warmup=2,
+    streams=(1, 4), tokens=8, interval=0.001, repeats=1, single_runs=2,
+    throughput_tokens=(24,), soak=10, soak_every=5, soak_warmup=1,
 )
 
 

@@ -192,7 +192,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.streams, args.tokens, args.interval, args.repeats, args.throughput_tokens = [1, 4], 12, 0.002, 1, 24
+        args.streams, args.tokens, args.interval, args.repeats, args.throughput_tokens = [1, 4], 8, 0.001, 1, 16
     return args
 
 

@@ -409,7 +409,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.levels, args.tokens, args.interval, args.rounds = [1, 4], 12, 0.002, 1
+        args.levels, args.tokens, args.interval, args.rounds = [1, 4], 8, 0.001, 1
     if any(k < 1 for k in args.levels) or args.tokens < 1 or args.rounds < 1 or args.interval < 0:
         parser.error("levels, tokens and rounds must be positive, interval not negative")
     if args.serve and not (args.upstream or "").startswith("http://127.0.0.1:"):

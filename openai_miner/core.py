@@ -148,7 +148,7 @@ class Core:
             fallback_active=sources.fallback_active(source),
             upstream_errors=sources.upstream_errors(source),
             local_load=sources.local_load(source),
-            budget=budget.reading if budget is not None else None,
+            budget=budget,
         )
         self.tally = tally or Tally(fallback=sources.fallback_name(source), refusals=lambda: access.refusals.totals)
 

@@ -11,11 +11,14 @@ collector, never copied.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from openai_miner.budget import DailyBudget
 
 FIRST_CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 """Seconds to the first chunk: a streaming upstream's first token takes 0.1 to 2 s, the local model's less."""
@@ -87,15 +90,16 @@ class LocalLoadCollector(Collector):
 
 class BudgetCollector(Collector):
     """The upstream's tokens spent today (UTC) and the daily budget they are counted against
-    (``--openai.daily_token_budget``); ``reading`` gives both as ``(spent, limit)``."""
+    (``--openai.daily_token_budget``), read at each scrape from the budget itself
+    (:meth:`~openai_miner.budget.DailyBudget.reading`: a new UTC day reads 0 before anything is spent)."""
 
-    def __init__(self, reading: Callable[[], tuple[int, int]]) -> None:
-        self.reading = reading
+    def __init__(self, budget: DailyBudget) -> None:
+        self.budget = budget
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        spent, limit = self.reading()
+        spent, limit = self.budget.reading()
         yield GaugeMetricFamily(
-            "openai_miner_upstream_tokens_spent",
+            "openai_miner_upstream_tokens_spent_today",
             "Upstream tokens (prompt + completion) spent today, UTC; back to 0 at midnight.", value=spent,
         )
         yield GaugeMetricFamily(
@@ -107,7 +111,7 @@ class Metrics:
     """Counters and histograms of one core's answers, and what is read at each scrape from where it
     is counted: its access policy's refusals, and, each when the miner has it (``None``: no such
     series), whether the fallback is active, the upstream's errors by kind, the local model's batch
-    and queue, and the day's spend against the budget as ``(spent, limit)``."""
+    and queue, and the day's spend against the upstream's daily budget (``Core.budget``)."""
 
     def __init__(
         self,
@@ -116,7 +120,7 @@ class Metrics:
         *,
         upstream_errors: Callable[[], Mapping[str, int]] | None = None,
         local_load: Callable[[], tuple[int, int]] | None = None,
-        budget: Callable[[], tuple[int, int]] | None = None,
+        budget: DailyBudget | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(RefusalCollector(refusals))

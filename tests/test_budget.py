@@ -212,7 +212,7 @@ async def test_spent_without_a_local_model_every_front_refuses_503_and_a_restart
             for family in text_string_to_metric_families(generate_latest(again.core.metrics.registry).decode())
             for sample in family.samples
         }
-        assert scraped["openai_miner_upstream_tokens_spent"] == again.core.budget.spent > 0
+        assert scraped["openai_miner_upstream_tokens_spent_today"] == again.core.budget.spent > 0
         assert scraped["openai_miner_upstream_token_budget"] == 1
         async with signing_client(validator.hotkey, hotkey) as client:
             after = await ask_http(client, again.config.http.port, "two words")

@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import time
+from datetime import date
 from pathlib import Path
 
 import httpx
@@ -174,14 +175,17 @@ async def test_the_local_model_s_batch_and_queue_are_gauges(tiny_model: str) -> 
 
 
 def test_spend_against_the_budget_is_read_at_each_scrape() -> None:
-    budget = DailyBudget(100_000)
-    metrics = Metrics(budget=lambda: (budget.spent, budget.limit))
+    days = [date(2026, 12, 4)]
+    budget = DailyBudget(100_000, today=lambda: days[0])
+    metrics = Metrics(budget=budget)
     budget.charge(1_234)
     found = scrape(metrics)
-    assert found["openai_miner_upstream_tokens_spent", frozenset()] == 1_234
+    assert found["openai_miner_upstream_tokens_spent_today", frozenset()] == 1_234
     assert found["openai_miner_upstream_token_budget", frozenset()] == 100_000
     budget.charge(66)
-    assert scrape(metrics)["openai_miner_upstream_tokens_spent", frozenset()] == 1_300
+    assert scrape(metrics)["openai_miner_upstream_tokens_spent_today", frozenset()] == 1_300
+    days[0] = date(2026, 12, 5)  # a new UTC day: the scrape reads 0 before anything is spent
+    assert scrape(metrics)["openai_miner_upstream_tokens_spent_today", frozenset()] == 0
     assert "openai_miner_upstream_token" not in generate_latest(Metrics().registry).decode()  # no budget: no gauges
 
 
@@ -192,7 +196,7 @@ def every_metric() -> Metrics:
     """A registry with every series the miner can expose, each with at least one sample."""
     metrics = Metrics(
         refusals=lambda: {"invalid prompt": 1}, fallback_active=lambda: False,
-        upstream_errors=lambda: {"429": 1}, local_load=lambda: (1, 0), budget=lambda: (10, 100),
+        upstream_errors=lambda: {"429": 1}, local_load=lambda: (1, 0), budget=DailyBudget(100),
     )
     metrics.observe("axon", "complete", "openai", 12, 0.2, 1.5)
     return metrics

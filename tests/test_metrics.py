@@ -238,3 +238,22 @@ def test_what_the_metrics_read_is_asked_of_the_sources_package_not_of_their_type
     alone = FallbackSource(None, local, CircuitBreaker(1, 60.0))
     assert sources.fallback_name(alone) is None and sources.fallback_active(alone) is None
     assert sources.upstream_errors(both) is None and sources.local_load(both) is None  # fakes count neither
+
+
+def test_no_module_outside_sources_asks_a_source_its_type() -> None:
+    """Issue 23: what a source has (members, fallback, errors, batch) is asked of ``openai_miner.sources``;
+    an ``isinstance(x, ...Source)`` elsewhere would let core.py or a front grow its own copy again."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "openai_miner"
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if "sources" in path.relative_to(package).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
+                kinds = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+                names = {getattr(kind, "id", getattr(kind, "attr", "")) for kind in kinds}
+                if any(name.endswith("Source") for name in names):
+                    found.append(f"{path.relative_to(package)}:{node.lineno}")
+    assert found == []

@@ -21,6 +21,15 @@ def source(up: LoopbackUpstream, **kwargs) -> OpenAISource:
     return OpenAISource(model, backoff=0.01, max_backoff=0.05, **kwargs)
 
 
+async def leftovers(within: float = 2.0) -> list[str]:
+    """The HTTP stream generators still unfinished once this loop has closed what was let go
+    (polled, up to ``within`` seconds, instead of a fixed sleep)."""
+    deadline = time.monotonic() + within
+    while (left := unfinished_http_generators()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return left
+
+
 async def run(src: OpenAISource, deadline_in: float = 10.0, batch: int = 4):
     send = Recorder()
     result = await stream_answer(src, MESSAGES, send.emit, batch_size=batch, deadline=time.monotonic() + deadline_in)
@@ -155,8 +164,7 @@ async def test_an_answer_cut_anywhere_closes_its_whole_http_stream() -> None:
         src.model.max_tokens = 512
         results = await asyncio.gather(*(run(src, deadline_in=cut, batch=8) for cut in cuts))
         await asyncio.gather(*(hung_up(src, cut) for cut in cuts))
-        await asyncio.sleep(0.1)  # every cancellation delivered
-        left = unfinished_http_generators()
+        left = await leftovers()  # every cancellation delivered, what was let go closed on this loop
     assert [result.outcome for _, result in results] == ["deadline"] * len(cuts)
     assert left == [], sorted(set(left))
 
@@ -176,8 +184,7 @@ async def test_an_answer_ending_any_way_closes_its_whole_http_stream(fault: Faul
     """
     with collector_paused(), LoopbackUpstream(tokens=TOKENS, fault=fault) as up:
         await run(source(up, max_retries=0), deadline_in=1.0)  # no-done ends at the deadline
-        await asyncio.sleep(0.1)  # what was let go is closed on this loop
-        left = unfinished_http_generators()
+        left = await leftovers()  # every cancellation delivered, what was let go closed on this loop
     assert left == [], sorted(set(left))
 
 

@@ -106,16 +106,18 @@ def serve() -> Iterator:
         port = free_port()
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
         served = Served(port, harden(config, idle=idle, max_connections=places, access=access), access, threading.Event(), [])
-        servers = Servers([uvicorn.Server(config)])
+        server = uvicorn.Server(config)
+        servers = Servers([server])
         servers.start()
         started.append(servers)
         assert wait_port(port, listening=True, timeout=10.0)
-        # wait_port's probe connection holds a place until the server sees it close (late on a busy
-        # machine, when it made a test's second held request a 503): start with every place free
+        # wait_port's probe connection counts (uvicorn's limit, the places) until the server sees it
+        # close, late on a busy machine, where it made a test's second held request a 503: start
+        # with no connection open
         deadline = time.monotonic() + 10.0
-        while served.places.open and time.monotonic() < deadline:
+        while (served.places.open or server.server_state.connections) and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert served.places.open == 0
+        assert served.places.open == 0 and not server.server_state.connections
         return served
 
     yield start

@@ -148,6 +148,18 @@ async def test_upstream_errors_are_counted_by_status_every_attempt_retried_ones_
     ).decode()  # no upstream: no such family
 
 
+async def test_a_stalled_upstream_the_local_model_answered_for_is_counted_as_stalled() -> None:
+    with LoopbackUpstream(tokens=["Hi"], first_token_delay=30) as up:
+        model = chat_openai(model="loopback", api_key="sk-test", base_url=up.base_url, max_tokens=32)
+        fallback = FallbackSource(OpenAISource(model), FakeSource(["local"], name="local"), CircuitBreaker(3, 60.0))
+        core = Core(fallback, open_access(), SystemPrompts({}))
+        question = Question([Message("user", "hello")], time.monotonic() + 1.0, front="http")
+        result = await core.answer(question, ignore)
+    assert (result.source, result.outcome) == ("local", "complete")
+    found = scrape(core.metrics)
+    assert {dict(labels)["kind"]: value for (name, labels), value in found.items() if name == "openai_miner_upstream_errors_total"} == {"stalled": 1}
+
+
 async def test_the_local_model_s_batch_and_queue_are_gauges(tiny_model: str) -> None:
     from tests.helpers import eventually
     from tests.helpers import local_source

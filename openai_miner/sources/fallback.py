@@ -12,6 +12,7 @@ answers goes on the queue as an :class:`~openai_miner.sources.base.Answering`, f
 
 import asyncio
 import time
+from collections import Counter
 from typing import Callable, Sequence
 
 import bittensor as bt
@@ -94,6 +95,14 @@ class _Counted:
 
 class Stalled(UpstreamError):
     """The upstream took the request and sent no first token within its share of the deadline."""
+
+
+def count_error(source: TokenSource, kind: str) -> None:
+    """Add a failure the source itself never saw (it was cancelled) to its own count by kind, for
+    the metrics (``openai_miner_upstream_errors_total``), when it keeps one."""
+    errors = getattr(source, "errors", None)
+    if isinstance(errors, Counter):
+        errors[kind] += 1
 
 
 class FallbackSource:
@@ -179,6 +188,8 @@ class FallbackSource:
                     self.breaker.success()  # it answered: this prompt failed, the upstream did not
                 else:
                     self.breaker.failure()
+                if isinstance(error, Stalled):
+                    count_error(self.primary, "stalled")
                 if counted.count or self.local is None or time.monotonic() >= deadline:
                     raise
                 bt.logging.warning(f"upstream failed before its first token ({error}); answering locally")

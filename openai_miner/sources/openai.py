@@ -250,7 +250,8 @@ def describe(error: BaseException) -> str:
 
 def error_kind(error: BaseException) -> str:
     """A failed attempt's kind, as the metrics count it: the HTTP status (``"429"``, ``"500"``...),
-    ``"timeout"``, ``"connection"``, or ``"malformed"`` (a chunk that could not be read)."""
+    ``"timeout"``, ``"connection"``, or ``"malformed"`` (a chunk that could not be read); the fallback
+    adds ``"stalled"`` (no first token in its share of the deadline, then cancelled)."""
     if isinstance(error, openai.APIStatusError):
         return str(error.status_code)
     if isinstance(error, openai.APITimeoutError):

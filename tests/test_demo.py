@@ -51,14 +51,13 @@ def run_demo(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, 
     return code, captured.out, captured.err
 
 
-@pytest.mark.slow
 def test_demo_streams_the_answer_then_a_summary(capsys, tmp_path: Path) -> None:
     port = free_port()
     with LoopbackUpstream(tokens=WORDS, interval=0.01) as up:
         code, out, err = run_demo(
-            capsys, PROMPT, "--base-url", up.base_url, "--batch-size", "2",
+            capsys, PROMPT, "--base-url", up.base_url, "--batch-size", "2", "--no-fallback",
             "--port", str(port), "--wallet-dir", str(tmp_path / "w"),
-        )
+        )  # no fallback: the local model's load is test_demo_answers_from_the_real_local_model_without_a_key's
     assert code == 0, err
     assert f"ask (timeout 60s): {PROMPT}" in out
     assert f"\n{ANSWER}\n---\n" in out

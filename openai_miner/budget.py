@@ -50,11 +50,6 @@ class DailyBudget:
         if path is not None:
             self._load(path)
 
-    @property
-    def remaining(self) -> int:
-        self._roll()
-        return max(self.limit - self.spent, 0)
-
     def reading(self) -> tuple[int, int]:
         """Today's spend and the limit, as the metrics report them (a new day reads 0)."""
         self._roll()

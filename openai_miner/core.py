@@ -143,14 +143,18 @@ class Core:
         self.log_answers = log_answers
         self.budget = budget
         self.stats = Stats()
+
+        def refusals() -> Mapping[str, int]:  # read at each scrape and each summary line
+            return access.refusals.totals
+
         self.metrics = Metrics(
-            refusals=lambda: access.refusals.totals,
+            refusals=refusals,
             fallback_active=sources.fallback_active(source),
             upstream_errors=sources.upstream_errors(source),
             local_load=sources.local_load(source),
             budget=budget,
         )
-        self.tally = tally or Tally(fallback=sources.fallback_name(source), refusals=lambda: access.refusals.totals)
+        self.tally = tally or Tally(fallback=sources.fallback_name(source), refusals=refusals)
 
     @classmethod
     def from_config(

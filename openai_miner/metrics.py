@@ -26,16 +26,19 @@ DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0)
 """Seconds an answer takes: SN1 validators' timeouts are about 10 to 15 s."""
 
 
-class RefusalCollector(Collector):
-    """Refusals by kind, read at each scrape from the access policy's running totals
-    (:attr:`~openai_miner.access.Refusals.totals`), which every front already counts into."""
+class CountsCollector(Collector):
+    """A counter family of one label, read at each scrape from running totals kept where they are
+    counted: the access policy's refusals by kind (:attr:`~openai_miner.access.Refusals.totals`),
+    which every front counts into, or the upstream's failed attempts by kind
+    (:func:`~openai_miner.sources.upstream_errors`)."""
 
-    def __init__(self, totals: Callable[[], Mapping[str, int]]) -> None:
+    def __init__(self, name: str, documentation: str, label: str, totals: Callable[[], Mapping[str, int]]) -> None:
+        self.name, self.documentation, self.label = name, documentation, label
         self.totals = totals
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily("openai_miner_refusals", "Requests refused before any model work, by kind.", labels=["reason"])
-        for kind, count in list(self.totals().items()):
+        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+        for kind, count in sorted(self.totals().items()):
             family.add_metric([kind], count)
         yield family
 
@@ -51,24 +54,6 @@ class FallbackCollector(Collector):
             "openai_miner_fallback_active", "1 while the upstream is skipped and the local model answers.",
             value=int(self.active()),
         )
-
-
-class UpstreamErrorCollector(Collector):
-    """The upstream's failed attempts by kind (the HTTP status, ``timeout``, ``connection``,
-    ``malformed``), retried ones too, read at each scrape from the source's own count
-    (:func:`~openai_miner.sources.upstream_errors`)."""
-
-    def __init__(self, totals: Callable[[], Mapping[str, int]]) -> None:
-        self.totals = totals
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily(
-            "openai_miner_upstream_errors", "Failed upstream attempts (retried ones too), by HTTP status or kind.",
-            labels=["kind"],
-        )
-        for kind, count in sorted(self.totals().items()):
-            family.add_metric([kind], count)
-        yield family
 
 
 class LocalLoadCollector(Collector):
@@ -123,11 +108,16 @@ class Metrics:
         budget: DailyBudget | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(RefusalCollector(refusals))
+        self.registry.register(CountsCollector(
+            "openai_miner_refusals", "Requests refused before any model work, by kind.", "reason", refusals
+        ))
         if fallback_active is not None:
             self.registry.register(FallbackCollector(fallback_active))
         if upstream_errors is not None:
-            self.registry.register(UpstreamErrorCollector(upstream_errors))
+            self.registry.register(CountsCollector(
+                "openai_miner_upstream_errors", "Failed upstream attempts (retried ones too), by HTTP status or kind.",
+                "kind", upstream_errors,
+            ))
         if local_load is not None:
             self.registry.register(LocalLoadCollector(local_load))
         if budget is not None:

@@ -57,9 +57,9 @@ def test_it_trips_once_and_resets_on_the_next_utc_day(tmp_path: Path, logged) ->
     calendar = Calendar()
     budget = DailyBudget(100, tmp_path / STATE_FILE, today=calendar)
     budget.charge(60)
-    assert not budget.exhausted() and budget.remaining == 40
+    assert not budget.exhausted() and budget.reading() == (60, 100)
     budget.charge(60)
-    assert budget.exhausted() and budget.exhausted() and budget.remaining == 0
+    assert budget.exhausted() and budget.exhausted() and budget.reading() == (120, 100)
     tripped = [line for line in warnings(logged) if "budget is spent" in line]
     assert len(tripped) == 1 and "120 of 100 tokens" in tripped[0]
     calendar.day += timedelta(days=1)

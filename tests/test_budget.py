@@ -68,6 +68,14 @@ def test_it_trips_once_and_resets_on_the_next_utc_day(tmp_path: Path, logged) ->
     assert json.loads((tmp_path / STATE_FILE).read_text())["day"] == "2026-12-05"
 
 
+def test_the_budget_is_spent_at_its_limit_not_one_token_before() -> None:
+    budget = DailyBudget(100, today=Calendar())
+    budget.charge(99)
+    assert not budget.exhausted()
+    budget.charge(1)
+    assert budget.exhausted() and budget.reading() == (100, 100)
+
+
 def test_the_day_s_total_survives_a_restart_but_not_the_day(tmp_path: Path) -> None:
     calendar, path = Calendar(), tmp_path / "state" / STATE_FILE
     DailyBudget(1000, path, today=calendar).charge(420)
@@ -161,7 +169,7 @@ async def test_once_spent_the_local_model_answers_and_the_breaker_is_untouched(l
     assert not any("upstream failed" in line for line in warnings(logged))
 
 
-@pytest.mark.parametrize(("asked", "sent"), [(5000, 64), (3, 3), (None, 64)])
+@pytest.mark.parametrize(("asked", "sent"), [(5000, 64), (65, 64), (64, 64), (3, 3), (None, 64)])
 async def test_a_request_s_max_tokens_is_capped(asked: int | None, sent: int) -> None:
     with LoopbackUpstream(tokens=WORDS) as up:
         await answer(upstream_source(up), Sampling(max_tokens=asked))

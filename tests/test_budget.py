@@ -120,7 +120,7 @@ def test_an_unwritable_file_keeps_counting_in_memory(tmp_path: Path, logged) -> 
 
 def upstream_source(up: LoopbackUpstream, budget: DailyBudget | None = None, max_tokens: int | None = 64) -> OpenAISource:
     model = chat_openai(model="loopback", api_key="sk-test", base_url=up.base_url, max_tokens=max_tokens)
-    return OpenAISource(model, backoff=0.01, max_tokens=max_tokens, budget=budget)
+    return OpenAISource(model, backoff=0.01, budget=budget)
 
 
 def sent_max_tokens(body: dict) -> int | None:

@@ -342,7 +342,7 @@ class OpenAISource:
             max_tokens=settings.max_tokens,
             timeout=settings.timeout,
         )
-        return cls(model, max_retries=settings.max_retries, max_tokens=settings.max_tokens, budget=budget)
+        return cls(model, max_retries=settings.max_retries, budget=budget)
 
     def __init__(
         self,
@@ -351,12 +351,11 @@ class OpenAISource:
         max_retries: int = 2,
         backoff: float = 0.25,
         max_backoff: float = 4.0,
-        max_tokens: int | None = None,
         budget: DailyBudget | None = None,
     ) -> None:
         self.model = model
         self.max_retries = max_retries
-        self.max_tokens = max_tokens
+        self.max_tokens: int | None = getattr(model, "max_tokens", None)  # the most one answer may cost
         self.budget = budget
         self.errors: Counter[str] = Counter()  # failed attempts by kind (error_kind), for the metrics
         self._backoff = wait_exponential_jitter(initial=backoff, max=max_backoff, jitter=backoff)

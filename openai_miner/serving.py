@@ -7,11 +7,14 @@ tasks. Stopping asks each to exit, with a bounded grace for answers in flight.
 """
 
 import asyncio
+import fcntl
 import functools
 import logging
 import resource
 import select
 import socket
+import struct
+import termios
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -66,42 +69,57 @@ class Places:
     Counting every open connection, as uvicorn's ``limit_concurrency`` does, let sockets that
     never send a byte lock every validator out (999 were enough), and reopening each as the idle
     timer closed it kept them out for good. Here a newcomer at the limit takes the place of the
-    oldest connection that is not being answered: first one that has sent nothing (since it
-    opened, or since its last answer), then one still sending its request. Connections being
-    answered are never closed; with all ``limit`` of them answering, the newcomer's request gets
-    uvicorn's 503. Used from the serving loop's thread only.
+    oldest connection that is not being answered: first one that has never sent a byte, then one
+    kept alive after an answer and waiting for its next request (a client that asked before), then
+    one still sending its request. Connections being answered are never closed; with all
+    ``limit`` of them answering, the newcomer's request gets uvicorn's 503.
+
+    A waiting connection whose request is already in its socket, unread, counts as sending: the
+    loop accepts a whole backlog of connections before it reads any, and a validator's, accepted
+    early in a burst of silent ones, would otherwise make room for the rest of the burst. Used
+    from the serving loop's thread only.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.open = 0
-        self.silent: OrderedDict[IdleClosing, None] = OrderedDict()  # oldest first
+        self.silent: OrderedDict[IdleClosing, None] = OrderedDict()  # oldest first, each of these
+        self.kept: OrderedDict[IdleClosing, None] = OrderedDict()
         self.sending: OrderedDict[IdleClosing, None] = OrderedDict()
 
     def join(self, connection: "IdleClosing") -> None:
         """A new connection, silent; at the limit, the oldest one not being answered makes room."""
         if self.open >= self.limit:
-            waiting = self.silent or self.sending
-            if waiting:
-                waiting.popitem(last=False)[0].make_room()
+            self.make_room()
         self.open += 1
         self.silent[connection] = None
 
+    def make_room(self) -> None:
+        for waiting in (self.silent, self.kept):
+            while waiting:
+                oldest = waiting.popitem(last=False)[0]
+                if not oldest.unread():
+                    oldest.make_room()
+                    return
+                self.sending[oldest] = None
+        if self.sending:
+            self.sending.popitem(last=False)[0].make_room()
+
     def sends(self, connection: "IdleClosing") -> None:
         """``connection`` sent the first bytes of a request."""
-        if connection in self.silent:
-            del self.silent[connection]
+        if connection in self.silent or connection in self.kept:
+            self.answering(connection)
             self.sending[connection] = None
 
     def answering(self, connection: "IdleClosing") -> None:
         """``connection`` sent a whole request: its place is its own until the answer ends."""
-        self.silent.pop(connection, None)
-        self.sending.pop(connection, None)
+        for waiting in (self.silent, self.kept, self.sending):
+            waiting.pop(connection, None)
 
     def answered(self, connection: "IdleClosing") -> None:
-        """``connection`` was answered and, kept alive, waits silent for its next request."""
+        """``connection`` was answered and, kept alive, waits for its next request."""
         self.answering(connection)
-        self.silent[connection] = None
+        self.kept[connection] = None
 
     def leave(self, connection: "IdleClosing") -> None:
         self.answering(connection)
@@ -172,6 +190,17 @@ class IdleClosing(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         self.request_due = None
         if not self.transport.is_closing():
             self.transport.close()
+
+    def unread(self) -> bool:
+        """Whether bytes this connection sent wait in its socket, not yet read by the loop."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is None or sock.fileno() < 0:
+            return False
+        try:
+            waiting = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return False
+        return struct.unpack("i", waiting)[0] > 0
 
     def make_room(self) -> None:
         """Close this connection for a newcomer; one that never sent a byte counts as a refusal."""

@@ -30,9 +30,13 @@ JUNK = b"\x16\x03\x01 junk\r\n\r\n"  # a TLS hello's first bytes, then nonsense
 
 
 class Connection:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, unread: bool = False) -> None:
         self.name = name
         self.closed = False
+        self.waiting = unread
+
+    def unread(self) -> bool:
+        return self.waiting
 
     def make_room(self) -> None:
         self.closed = True
@@ -63,6 +67,22 @@ def test_a_newcomer_takes_the_place_of_the_oldest_silent_then_the_oldest_still_s
     assert f.closed and not c.closed  # f joined silent before c went back to waiting
 
 
+def test_one_that_never_spoke_makes_room_before_one_kept_alive_and_unread_requests_count_as_sending() -> None:
+    places = Places(3)
+    kept, early, a, b, c = Connection("kept"), Connection("early", unread=True), *(Connection(n) for n in "abc")
+    places.join(kept)  # type: ignore[arg-type]
+    places.answered(kept)  # type: ignore[arg-type]  # asked and was answered: waits for its next request
+    for connection in (early, a, b):  # early's request waits in its socket, not read yet
+        places.join(connection)  # type: ignore[arg-type]
+    assert [x for x in (kept, early, a, b) if x.closed] == [a] and list(places.sending) == [early]
+    places.join(c)  # type: ignore[arg-type]
+    assert b.closed and not kept.closed  # b never spoke: it goes before the older kept-alive one
+    kept.waiting = c.waiting = True  # their requests arrived, unread: nobody waits silent now
+    places.join(Connection("d"))  # type: ignore[arg-type]
+    assert early.closed and not (kept.closed or c.closed)  # the one sending longest goes
+    assert list(places.sending) == [c, kept]
+
+
 @pytest.mark.parametrize(
     "files,fronts,wanted,places",
     [(20_000, 2, 1000, 1000), (1024, 2, 1000, (1024 - OTHER_FILES) // 4), (1024, 1, 100, 100), (100, 1, 1000, 1)],
@@ -81,12 +101,15 @@ class Served:
     access: Access
     release: threading.Event  # set by the test, awaited on the server's own loop
     busy: list[Request]
+    frozen: threading.Event  # set by ``/freeze`` once it blocks the server's loop
+    thaw: threading.Event  # set by the test: ``/freeze`` lets the loop go
 
 
 @pytest.fixture
 def serve() -> Iterator:
     """A uvicorn server on a free port, hardened as a front is; ``/quick`` answers at once,
-    ``/busy`` once the test sets ``release``."""
+    ``/busy`` once the test sets ``release``; ``/freeze`` blocks the server's whole loop until the
+    test sets ``thaw`` (connections made meanwhile wait in the kernel's backlog)."""
     started: list[Servers] = []
 
     def start(places: int, *, idle: float = 30.0, per_second: float = 0.0) -> Served:
@@ -100,11 +123,16 @@ def serve() -> Iterator:
             await asyncio.to_thread(served.release.wait)
             return PlainTextResponse("busy")
 
+        async def freeze(request: Request) -> PlainTextResponse:
+            served.frozen.set()
+            served.thaw.wait(10.0)  # blocking on purpose: nothing else on this loop runs
+            return PlainTextResponse("thawed")
+
         access = Access(AccessPolicy(), Registry(), RateLimiter(0), RecentPrompts(0), Offenders(per_second), Refusals())
-        app = Starlette(routes=[Route("/quick", quick), Route("/busy", busy)])
+        app = Starlette(routes=[Route("/quick", quick), Route("/busy", busy), Route("/freeze", freeze)])
         port = free_port()
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-        served = Served(port, harden(config, idle=idle, max_connections=places, access=access), access, threading.Event(), [])
+        served = Served(port, harden(config, idle=idle, max_connections=places, access=access), access, threading.Event(), [], threading.Event(), threading.Event())
         server = uvicorn.Server(config)
         servers = Servers([server])
         servers.start()
@@ -155,6 +183,25 @@ async def test_silent_sockets_past_the_limit_never_keep_a_request_out(serve) -> 
     assert await status_of(served.port) == 200
     assert [await closed(reader) for reader, _ in silent[:8]] == [True] * 8  # the oldest made room
     assert served.places.open <= 3
+    for _, writer in silent:
+        writer.close()
+
+
+async def test_a_request_accepted_in_a_burst_of_silent_sockets_is_answered(serve) -> None:
+    """The loop accepts a whole backlog before it reads any socket: a validator's connection, first
+    in a burst of silent ones past the limit, keeps its place because its request waits unread."""
+    served = serve(3)
+    frozen = asyncio.ensure_future(status_of(served.port, GET.replace(b"/quick", b"/freeze")))
+    assert await asyncio.to_thread(served.frozen.wait, 10.0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)  # the kernel completes
+    writer.write(GET)  # the handshake meanwhile, and keeps the request for the frozen loop
+    await writer.drain()
+    silent = await connect(served.port, 10)  # after it in the backlog: one burst, it first
+    served.thaw.set()
+    line = await asyncio.wait_for(reader.readline(), 10.0)
+    writer.close()
+    assert line.startswith(b"HTTP/1.1 200") and await frozen == 200
+    assert served.access.refusals._reasons["a connection that sent nothing, closed for a newcomer"] >= 8
     for _, writer in silent:
         writer.close()
 

@@ -41,7 +41,7 @@ def refused_url() -> str:
 class Case:
     """A fault, and what the validator gets with the fallback off and with the local model on."""
 
-    upstream: dict
+    fault: Fault | None  # on the case's first request and its retries; the next request is answered whole
     off: str  # "full", "partial", "empty"
     local: str  # the same, or "local"
     attempts: int | None = None  # upstream requests the first answer took
@@ -49,73 +49,72 @@ class Case:
     timeout: float = TIMEOUT
     at_deadline: bool = False  # the stream ends at the miner's deadline (closing the upstream's), not before
     kept: int | None = None  # a partial answer is exactly this many upstream tokens
+    tokens: tuple[str, ...] = tuple(TOKENS)  # the upstream's answer to the first request
 
 
 CASES = {
-    "429-retry-after": Case({"fault": Fault(status=429, retry_after=0.3)}, "empty", "local", 3, "HTTP 429"),
-    "429": Case({"fault": Fault(status=429)}, "empty", "local", 3, "HTTP 429"),
-    "500": Case({"fault": Fault(status=500)}, "empty", "local", 3, "HTTP 500"),
-    "503": Case({"fault": Fault(status=503)}, "empty", "local", 3, "HTTP 503"),
-    "401": Case({"fault": Fault(status=401)}, "empty", "local", 1, "HTTP 401"),
-    "400-over-context": Case({"fault": Fault(status=400)}, "empty", "local", 1, "HTTP 400"),
-    "refused": Case({"refused": True}, "empty", "local", None, "ConnectionError"),
-    "drop-before-first-token": Case({"fault": Fault(drop_after=0)}, "empty", "local", 3, "ConnectionError"),
-    "drop-mid-stream": Case({"fault": Fault(drop_after=5)}, "partial", "partial", 1, "mid-stream", kept=5),
-    "malformed-json-first": Case({"fault": Fault(malformed_after=0)}, "empty", "local", 1, "malformed"),
-    "malformed-json-mid-stream": Case(
-        {"fault": Fault(malformed_after=4)}, "partial", "partial", 1, "malformed", kept=4
-    ),
+    "429-retry-after": Case(Fault(status=429, retry_after=0.3), "empty", "local", 3, "HTTP 429"),
+    "429": Case(Fault(status=429), "empty", "local", 3, "HTTP 429"),
+    "500": Case(Fault(status=500), "empty", "local", 3, "HTTP 500"),
+    "503": Case(Fault(status=503), "empty", "local", 3, "HTTP 503"),
+    "401": Case(Fault(status=401), "empty", "local", 1, "HTTP 401"),
+    "400-over-context": Case(Fault(status=400), "empty", "local", 1, "HTTP 400"),
+    "drop-before-first-token": Case(Fault(drop_after=0), "empty", "local", 3, "ConnectionError"),
+    "drop-mid-stream": Case(Fault(drop_after=5), "partial", "partial", 1, "mid-stream", kept=5),
+    "malformed-json-first": Case(Fault(malformed_after=0), "empty", "local", 1, "malformed"),
+    "malformed-json-mid-stream": Case(Fault(malformed_after=4), "partial", "partial", 1, "malformed", kept=4),
     "wrong-shape-mid-stream": Case(
-        {"fault": Fault(malformed_after=4, malformed=b'data: {"choices": 7}\n\n')},
-        "partial", "partial", 1, "malformed", kept=4,
+        Fault(malformed_after=4, malformed=b'data: {"choices": 7}\n\n'), "partial", "partial", 1, "malformed", kept=4
     ),
     "sse-error-event-mid-stream": Case(
-        {"fault": Fault(malformed_after=4, malformed=b'event: error\ndata: {"error": {"message": "overloaded"}}\n\n')},
+        Fault(malformed_after=4, malformed=b'event: error\ndata: {"error": {"message": "overloaded"}}\n\n'),
         "partial", "partial", 1, "overloaded", kept=4,
     ),
-    "empty-completion": Case({"tokens": []}, "empty", "local", 1, "no text"),
-    "huge-completion": Case({"tokens": ["x" * 2047 + " "] * 500}, "full", "full", 1),  # 1 MB
-    "tokens-slower-than-deadline": Case(
-        {"interval": 0.25}, "partial", "partial", 1, timeout=2.0, at_deadline=True
-    ),
-    "never-sends-done": Case({"fault": Fault(no_done=True)}, "full", "full", 1, timeout=2.0, at_deadline=True),
+    "empty-completion": Case(None, "empty", "local", 1, "no text", tokens=()),
+    "huge-completion": Case(None, "full", "full", 1, tokens=("x" * 2047 + " ",) * 500),  # 1 MB
+    "tokens-slower-than-deadline": Case(Fault(interval=0.25), "partial", "partial", 1, timeout=2.0, at_deadline=True),
+    "never-sends-done": Case(Fault(no_done=True), "full", "full", 1, timeout=2.0, at_deadline=True),
     "headers-never-come": Case(  # a stalled upstream: the local model answers after half the time left
-        {"fault": Fault(delay_before_headers=30)}, "empty", "local", 1, timeout=2.0, at_deadline=True
+        Fault(delay_before_headers=30), "empty", "local", 1, timeout=2.0, at_deadline=True
     ),
 }
+REFUSED = Case(None, "empty", "local", None, "ConnectionError")  # nothing listens at the upstream's address
 
 
-@pytest.mark.parametrize("fallback", ["off", "local"])
-@pytest.mark.parametrize("name", list(CASES))
-async def test_fault_gives_a_clean_stream_in_time_and_the_next_request_works(
-    serve_miner, validator, tiny_model, caplog, name: str, fallback: str
-) -> None:
-    case = CASES[name]
-    upstream = dict(case.upstream)
-    refused = upstream.pop("refused", False)
-    upstream.setdefault("tokens", TOKENS)
-    upstream.setdefault("interval", 0.002)
-    flags = ("--fallback.off",) if fallback == "off" else local_flags(tiny_model)
-    with LoopbackUpstream(**upstream) as up, caplog.at_level("WARNING"):
-        base_url = refused_url() if refused else up.base_url
-        miner = serve_miner(
-            "--openai.base_url", base_url, "--openai.max_tokens", "100000",
-            "--neuron.streaming_batch_size", "4", *flags,
-        )
-        async with bt.Dendrite(wallet=validator) as dendrite:
-            answer = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=case.timeout)
-            attempts = len(up.requests)
-            up.fault, up.tokens, up.interval = None, TOKENS, 0.0
-            following = await ask(dendrite, miner.axon, ["user"], ["hello again"], timeout=TIMEOUT)
-        await eventually(lambda: all(r.ended_at is not None for r in up.requests), within=1.0)
-        first = up.requests[0] if up.requests else None
+def asked(body: dict) -> str:
+    """The validator's question in an upstream request: ``"<case> first"`` or ``"<case> again"``."""
+    return body["messages"][-1]["content"]
+
+
+def case_fault(body: dict) -> Fault | None:
+    name, turn = asked(body).rsplit(" ", 1)
+    return CASES[name].fault if turn == "first" else None
+
+
+def case_tokens(body: dict) -> tuple[str, ...]:
+    name, turn = asked(body).rsplit(" ", 1)
+    return CASES[name].tokens if turn == "first" else tuple(TOKENS)
+
+
+def fault_flags(fallback: str, tiny_model: str) -> tuple[str, ...]:
+    """A miner for the fault cases: retries 20 ms apart (their timing has tests of its own), every
+    answer let through whole, and with the local model a breaker that never opens (every case must
+    try the upstream)."""
+    local = local_flags(tiny_model, "--fallback.failures", "1000")
+    return (
+        "--openai.retry_backoff", "0.02", "--openai.max_tokens", "100000", "--neuron.streaming_batch_size", "4",
+        *(("--fallback.off",) if fallback == "off" else local),
+    )
+
+
+def check(case: Case, fallback: str, answer, following, requests: list[RecordedRequest], log: str) -> None:
+    """What the validator must get for ``case``: ``answer`` to the faulty request, ``following``
+    to the next one; ``requests``: the upstream's records of the faulty one (retries included)."""
     took = answer.ended - answer.started
     expected = case.off if fallback == "off" else case.local
-    print(f"\n{name} / fallback {fallback}: {expected}, {len(answer.text)} chars in {took:.2f}s")
-
     assert answer.status == 200 and answer.synapse.completion == answer.text
     if expected == "full":
-        assert answer.text == "".join(upstream["tokens"])
+        assert answer.text == "".join(case.tokens)
     elif expected == "partial":
         assert answer.text and is_upstream_prefix(answer.text) and answer.text != FULL
         assert case.kept is None or answer.text == "".join(TOKENS[: case.kept])
@@ -124,20 +123,49 @@ async def test_fault_gives_a_clean_stream_in_time_and_the_next_request_works(
     else:
         assert is_local(answer.text)
     if case.attempts is not None:
-        assert attempts == case.attempts
+        assert len(requests) == case.attempts
     if case.reason is not None:
-        assert case.reason in caplog.text
+        assert case.reason in log
     deadline = case.timeout - min(MARGIN, case.timeout / 4)
     if case.at_deadline and expected != "local":
         assert deadline - 0.05 <= took < case.timeout
-        assert first.disconnected and not first.finished  # the miner closed the upstream request
+        assert requests[0].disconnected and not requests[0].finished  # the miner closed the upstream request
     else:
-        assert took < deadline
+        assert took < deadline, took
     assert following.status == 200
-    if refused:  # still nothing listens: answered as the first one was
-        assert following.text == "" if fallback == "off" else is_local(following.text)
-    else:
-        assert following.text == FULL
+
+
+@pytest.mark.parametrize("fallback", ["off", "local"])
+async def test_every_fault_gives_a_clean_stream_in_time_and_the_next_request_works(
+    serve_miner, validator, tiny_model, caplog, subtests, fallback: str
+) -> None:
+    """One miner and one upstream for every case, one after another: the upstream fails each case's
+    first request its own way (chosen by the question) and answers its next one whole."""
+    with LoopbackUpstream(tokens=case_tokens, fault=case_fault, interval=0.002) as up, caplog.at_level("WARNING"):
+        miner = serve_miner("--openai.base_url", up.base_url, *fault_flags(fallback, tiny_model))
+        async with bt.Dendrite(wallet=validator) as dendrite:
+            for name, case in CASES.items():
+                with subtests.test(msg=name):
+                    caplog.clear()
+                    answer = await ask(dendrite, miner.axon, ["user"], [f"{name} first"], timeout=case.timeout)
+                    requests = [r for r in up.requests if asked(r.body) == f"{name} first"]
+                    following = await ask(dendrite, miner.axon, ["user"], [f"{name} again"], timeout=TIMEOUT)
+                    await eventually(lambda: all(r.ended_at is not None for r in up.requests), within=1.0)
+                    check(case, fallback, answer, following, requests, caplog.text)
+                    assert following.text == FULL
+
+
+@pytest.mark.parametrize("fallback", ["off", "local"])
+async def test_an_upstream_refusing_connections_gives_a_clean_stream_in_time(
+    serve_miner, validator, tiny_model, caplog, fallback: str
+) -> None:
+    with caplog.at_level("WARNING"):
+        miner = serve_miner("--openai.base_url", refused_url(), *fault_flags(fallback, tiny_model))
+        async with bt.Dendrite(wallet=validator) as dendrite:
+            answer = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=TIMEOUT)
+            following = await ask(dendrite, miner.axon, ["user"], ["hello again"], timeout=TIMEOUT)
+    check(REFUSED, fallback, answer, following, [], caplog.text)
+    assert following.text == "" if fallback == "off" else is_local(following.text)  # answered as the first was
 
 
 async def test_retry_after_is_honoured_within_the_deadline(serve_miner, validator) -> None:
@@ -150,6 +178,17 @@ async def test_retry_after_is_honoured_within_the_deadline(serve_miner, validato
     assert answer.status == 200 and answer.text == FULL
     assert len(received) == 3 and all(gap >= 0.6 for gap in gaps)
     assert answer.ended - answer.started < TIMEOUT - MARGIN
+
+
+async def test_a_retry_waits_the_backoff_asked(serve_miner, validator) -> None:
+    """--openai.retry_backoff 0.6: the one retry comes 0.6 to 1.2 s later (0.25 to 0.5 by default)."""
+    with LoopbackUpstream(tokens=TOKENS, fault=Fault(status=500, times=1)) as up:
+        miner = serve_miner("--openai.base_url", up.base_url, "--fallback.off", "--openai.retry_backoff", "0.6")
+        async with bt.Dendrite(wallet=validator) as dendrite:
+            answer = await ask(dendrite, miner.axon, ["user"], ["hello"], timeout=TIMEOUT)
+        first, retry = (r.received_at for r in up.requests)
+    assert answer.status == 200 and answer.text == FULL
+    assert retry - first >= 0.6
 
 
 @pytest.mark.parametrize("fallback", ["off", "local"])

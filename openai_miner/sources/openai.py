@@ -342,7 +342,7 @@ class OpenAISource:
             max_tokens=settings.max_tokens,
             timeout=settings.timeout,
         )
-        return cls(model, max_retries=settings.max_retries, budget=budget)
+        return cls(model, max_retries=settings.max_retries, backoff=settings.retry_backoff, budget=budget)
 
     def __init__(
         self,

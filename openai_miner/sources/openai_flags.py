@@ -35,6 +35,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="Retries of a transient upstream error before the first token, within the deadline.",
     )
     parser.add_argument(
+        "--openai.retry_backoff", type=at_least(0, float), default=0.25, metavar="SECONDS",
+        help="Wait before the first retry; each next one waits about twice as long (at most 4 s), plus up to "
+        "this much jitter, or as long as the upstream's Retry-After asks.",
+    )
+    parser.add_argument(
         "--openai.daily_token_budget", type=at_least(0), default=0,
         help="Most upstream tokens (prompt + completion, as the upstream counts them) per UTC day; once spent, "
         "the local model answers (with --fallback.off, requests get 503) until 00:00 UTC. 0: no limit.",

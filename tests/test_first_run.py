@@ -119,6 +119,7 @@ def test_a_bad_flag_prints_one_usage_line_and_the_error(tmp_path: Path) -> None:
     assert "unrecognized arguments: --openai.modle_name" in done.stderr and "--help" in done.stderr
 
 
+@pytest.mark.slow  # a real process each
 @pytest.mark.parametrize("argv", [["--version"], ["--mock", "--version"]])  # the short way, the parser's way
 def test_version(tmp_path: Path, argv: list[str]) -> None:
     from openai_miner import __version__
@@ -145,6 +146,7 @@ def test_the_version_and_the_package_import_nothing_heavy() -> None:
     assert done.stdout.strip() == f"0 openai-miner {__version__} []", done.stdout + done.stderr
 
 
+@pytest.mark.slow  # a real process, bittensor's imports (a second)
 def test_the_help_loads_no_model_library() -> None:
     # the local model's libraries load with the model, never to print the options
     probe = (

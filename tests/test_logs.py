@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 import bittensor as bt
+import pytest
 
 from openai_miner import logs
 from openai_miner.access import Access, AccessPolicy, RateLimiter, RecentPrompts, Refusals
@@ -80,6 +81,7 @@ def test_said_lines_never_merge_with_lines_logged_meanwhile() -> None:
     assert sum(line.endswith(tuple(f"logged {n}" for n in range(300))) for line in lines) == 300
 
 
+@pytest.mark.slow  # the real command
 async def test_the_real_command_logs_to_a_pipe_without_colour_and_its_summary_on_a_line_of_its_own(
     tmp_path: Path,
 ) -> None:

@@ -222,7 +222,10 @@ async def test_retries_stop_before_the_deadline(serve_miner, validator) -> None:
 async def test_refused_prompts_do_not_trip_the_circuit_breaker(serve_miner, validator, tiny_model) -> None:
     """A validator sending prompts over the upstream's context must not cut the upstream off for all."""
     with LoopbackUpstream(tokens=TOKENS, fault=Fault(status=400)) as up:
-        miner = serve_miner("--openai.base_url", up.base_url, *local_flags(tiny_model, "--fallback.failures", "2"))
+        miner = serve_miner(
+            "--openai.base_url", up.base_url, "--openai.retry_backoff", "0.02",
+            *local_flags(tiny_model, "--fallback.failures", "2"),
+        )
         async with bt.Dendrite(wallet=validator) as dendrite:
             refused = [await ask(dendrite, miner.axon, ["user"], [f"long {i}"], timeout=TIMEOUT) for i in range(3)]
             assert not fallback_active(miner) and len(up.requests) == 3
@@ -251,7 +254,10 @@ async def ask_while_upstream_fails(
             stake=1000.0, validator_permit=True,
         )
     with LoopbackUpstream(tokens=TOKENS, fault=Fault(status=500)) as up:
-        flags = ["--fallback.model", model, "--fallback.device", "cpu", "--fallback.max_new_tokens", "24"]
+        flags = [
+            "--fallback.model", model, "--fallback.device", "cpu", "--fallback.max_new_tokens", "24",
+            "--openai.retry_backoff", "0.02",
+        ]
         with caplog.at_level("INFO", logger="bittensor"):
             miner = serve_miner("--openai.base_url", up.base_url, *flags, *([] if preload == "default" else [preload]))
             loaded_at_start = model_loaded(caplog.messages, model)  # the log says so before serving
@@ -306,7 +312,10 @@ async def test_a_fallback_that_cannot_load_at_start_does_not_stop_a_keyed_miner(
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-key")
     model = tmp_path / "model"  # not there at start: a typo, a disk not yet mounted...
     with LoopbackUpstream(tokens=TOKENS) as up, caplog.at_level("INFO", logger="bittensor"):
-        miner = serve_miner("--openai.base_url", up.base_url, "--fallback.model", str(model), "--fallback.device", "cpu")
+        miner = serve_miner(
+            "--openai.base_url", up.base_url, "--openai.retry_backoff", "0.02",
+            "--fallback.model", str(model), "--fallback.device", "cpu",
+        )
         assert "failed to load at start" in miner.backend() and not model_loaded(caplog.messages, str(model))
         assert "cannot load the local fallback model" in caplog.text
         async with bt.Dendrite(wallet=validator) as dendrite:

@@ -124,9 +124,9 @@ async def test_the_deadline_flushes_and_ends_the_stream_cleanly(serve_http, vali
 
 async def test_an_upstream_500_is_answered_by_the_local_model(serve_http, validator, tiny_model) -> None:
     with LoopbackUpstream(tokens=WORDS, fault=Fault(status=500)) as up:
-        miner = serve_http("--openai.base_url", up.base_url, *local_flags(tiny_model))
+        miner = serve_http("--openai.base_url", up.base_url, "--openai.retry_backoff", "0.02", *local_flags(tiny_model))
         texts, _ = await stream_text(miner, validator)
-    assert is_local("".join(texts))
+    assert is_local("".join(texts)) and len(up.requests) == 3  # tried, retried twice, then the local model
 
 
 async def test_a_hang_up_cancels_the_upstream_request(serve_http, validator) -> None:

@@ -7,6 +7,7 @@ deeper than the interpreter's stack. The HTTP front's app is driven in-process; 
 goes through bittensor's middleware, so a real miner gets it, signed by a real dendrite.
 """
 
+import copy
 import json
 import uuid
 from typing import Any
@@ -43,7 +44,7 @@ JSON = st.recursive(
 )
 EDGES = st.sampled_from(
     [10**400, -(10**400), 2**64, float("inf"), float("-inf"), float("nan"), 1e308, -0.0, 0.5, "\ud800", "", [], {}, [[[]]]]
-)
+).map(copy.deepcopy)  # a fresh [] or {} each time: a body built around one must not change the next (or itself)
 VALUE = st.one_of(EDGES, NUMBERS, JSON)  # what a field gets: an edge a third of the time
 FUZZ = settings(
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]

@@ -69,22 +69,33 @@ def validator(chain: bt.MockSubtensor, wallets: Callable[[str], bt.Wallet]) -> b
 
 
 @pytest.fixture
-def serve_miner(
-    tmp_path: Path, chain: bt.MockSubtensor
-) -> Iterator[Callable[..., OpenAIMiner]]:
-    """Start an ``OpenAIMiner`` on the mock chain with ``source``; stopped after the test."""
-    started: list[OpenAIMiner] = []
+def build_miner(tmp_path: Path, chain: bt.MockSubtensor) -> Iterator[Callable[..., OpenAIMiner]]:
+    """Make an ``OpenAIMiner`` on the mock chain with ``source``, serving nothing: a test drives a
+    front's app in-process (``httpx.ASGITransport``) or starts it. Stopped after the test (its
+    servers, if started, then its source's threads)."""
+    built: list[OpenAIMiner] = []
 
-    def start(*extra: str, source: TokenSource | None = None, env: dict | None = None) -> OpenAIMiner:
+    def build(*extra: str, source: TokenSource | None = None, env: dict | None = None) -> OpenAIMiner:
         config = OpenAIMiner.config(miner_argv(tmp_path / "wallets", free_port(), *extra), env=env or {})
         miner = OpenAIMiner(config, source=source, subtensor=chain)
-        miner.run_in_background_thread()
-        started.append(miner)
+        built.append(miner)
         return miner
 
-    yield start
-    for miner in started:
+    yield build
+    for miner in built:
         miner.stop_run_thread()
+
+
+@pytest.fixture
+def serve_miner(build_miner: Callable[..., OpenAIMiner]) -> Callable[..., OpenAIMiner]:
+    """Start an ``OpenAIMiner`` on the mock chain with ``source``, serving on 127.0.0.1; stopped after the test."""
+
+    def start(*extra: str, source: TokenSource | None = None, env: dict | None = None) -> OpenAIMiner:
+        miner = build_miner(*extra, source=source, env=env)
+        miner.run_in_background_thread()
+        return miner
+
+    return start
 
 
 @pytest.fixture(scope="session")

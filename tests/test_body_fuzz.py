@@ -21,10 +21,8 @@ from hypothesis import strategies as st
 
 from openai_miner.fronts.http import Front as ServedHttp
 from openai_miner.fronts.auth import epistula_headers
-from openai_miner.miner import OpenAIMiner
 from openai_miner.protocol import StreamPromptingSynapse
 from openai_miner.testing.fake_source import FakeSource
-from openai_miner.testing.localnet import free_port, miner_argv
 from openai_miner.testing.validator import ask
 
 TOKENS = ["fine", " thanks"]
@@ -93,10 +91,9 @@ CLIENT_TIMEOUTS = st.one_of(st.none(), st.sampled_from(["inf", "nan", "1e999", "
 
 
 @pytest.fixture
-def http_front(chain, validator, tmp_path):
+def http_front(build_miner, validator):
     """The HTTP front's app of a miner that serves nothing on a port, and an httpx client on it."""
-    config = OpenAIMiner.config(miner_argv(tmp_path / "wallets", free_port(), *UNLIMITED), env={})
-    miner = OpenAIMiner(config, source=FakeSource(TOKENS), subtensor=chain)
+    miner = build_miner(*UNLIMITED, source=FakeSource(TOKENS))
     transport = httpx.ASGITransport(app=ServedHttp(miner).app())
     return miner, lambda: httpx.AsyncClient(transport=transport, base_url="http://miner")
 

@@ -1,10 +1,13 @@
-"""The signed OpenAI-compatible HTTP front, driven over 127.0.0.1 the way SN1's validators did:
-the openai SDK with a request hook that signs (Epistula v2 or btauth/1), raw httpx for refusals."""
+"""The signed OpenAI-compatible HTTP front, asked the way SN1's validators did: the openai SDK
+with a request hook that signs (Epistula v2 or btauth/1), raw httpx for refusals. Its app is driven
+in-process; what only sockets show (a hang-up, many streams at once, serving without the axon)
+goes over 127.0.0.1 to a started miner."""
 
 import asyncio
 import json
 import math
 import time
+from dataclasses import dataclass
 
 import bittensor as bt
 import httpx
@@ -23,27 +26,51 @@ TEXT = "".join(WORDS)
 MESSAGES = [{"role": "user", "content": "hello"}]
 
 
-@pytest.fixture
-def serve_http(serve_miner):
-    """A miner serving the HTTP front (and its axon) on free ports."""
+@dataclass
+class Http:
+    """A miner's HTTP front as a test asks it: through its app in-process, or on its port."""
 
-    def start(*extra: str, source=None, env=None) -> OpenAIMiner:
-        return serve_miner("--http.port", str(free_port()), *extra, source=source, env=env)
+    miner: OpenAIMiner
+    transport: httpx.AsyncBaseTransport | None  # None: over 127.0.0.1
+
+    @property
+    def base_url(self) -> str:
+        return "http://miner" if self.transport else f"http://127.0.0.1:{self.miner.config.http.port}"
+
+    def raw(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=self.transport, base_url=self.base_url)
+
+
+@pytest.fixture
+def serve_http(build_miner):
+    """A miner's HTTP front, driven in-process through its app: no port, no server."""
+
+    def start(*extra: str, source=None, env=None) -> Http:
+        miner = build_miner("--http.port", str(free_port()), *extra, source=source, env=env)
+        front = next(front for front in miner.fronts if front.name == "http")
+        return Http(miner, httpx.ASGITransport(app=front.app()))
 
     return start
 
 
-def client(miner: OpenAIMiner, wallet: bt.Wallet, **kwargs):
-    return openai_client(miner.config.http.port, wallet.hotkey, miner.wallet.hotkey.ss58_address, **kwargs)
+@pytest.fixture
+def serve_http_port(serve_miner):
+    """A started miner serving the HTTP front (and its axon) on free ports."""
+
+    def start(*extra: str, source=None, env=None) -> Http:
+        return Http(serve_miner("--http.port", str(free_port()), *extra, source=source, env=env), None)
+
+    return start
 
 
-def url(miner: OpenAIMiner, path: str = "/v1/chat/completions") -> str:
-    return f"http://127.0.0.1:{miner.config.http.port}{path}"
+def client(http: Http, wallet: bt.Wallet, **kwargs):
+    to = http.transport or http.miner.config.http.port
+    return openai_client(to, wallet.hotkey, http.miner.wallet.hotkey.ss58_address, **kwargs)
 
 
-async def stream_text(miner: OpenAIMiner, wallet: bt.Wallet, **kwargs) -> tuple[list[str], list]:
+async def stream_text(http: Http, wallet: bt.Wallet, **kwargs) -> tuple[list[str], list]:
     """Every non-empty content delta of a streamed answer, and every chunk."""
-    async with client(miner, wallet, scheme=kwargs.pop("scheme", "epistula")) as openai_:
+    async with client(http, wallet, scheme=kwargs.pop("scheme", "epistula")) as openai_:
         stream = await openai_.chat.completions.create(model="any", messages=MESSAGES, stream=True, **kwargs)
         chunks = [chunk async for chunk in stream]
     return [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content], chunks
@@ -52,8 +79,8 @@ async def stream_text(miner: OpenAIMiner, wallet: bt.Wallet, **kwargs) -> tuple[
 @pytest.mark.parametrize("scheme", ["epistula", "btauth"])
 async def test_streams_the_exact_text_in_batches(serve_http, validator, scheme) -> None:
     source = FakeSource(WORDS)
-    miner = serve_http("--neuron.streaming_batch_size", "4", source=source)
-    texts, chunks = await stream_text(miner, validator, scheme=scheme)
+    http = serve_http("--neuron.streaming_batch_size", "4", source=source)
+    texts, chunks = await stream_text(http, validator, scheme=scheme)
     assert "".join(texts) == TEXT
     assert len(texts) == math.ceil(len(WORDS) / 4) and all(t.count(" ") == 4 for t in texts[:-1])
     assert chunks[-1].choices[0].finish_reason == "stop" and chunks[0].choices[0].delta.role == "assistant"
@@ -61,16 +88,16 @@ async def test_streams_the_exact_text_in_batches(serve_http, validator, scheme) 
 
 
 async def test_not_streamed_is_one_completion(serve_http, validator) -> None:
-    miner = serve_http(source=FakeSource(WORDS))
-    async with client(miner, validator) as openai_:
+    http = serve_http(source=FakeSource(WORDS))
+    async with client(http, validator) as openai_:
         completion = await openai_.chat.completions.create(model="any", messages=MESSAGES)
     assert completion.choices[0].message.content == TEXT and completion.choices[0].finish_reason == "stop"
     assert completion.usage.completion_tokens == len(WORDS)
 
 
 async def test_logprobs_come_one_token_a_chunk_with_the_asked_alternatives(serve_http, validator) -> None:
-    miner = serve_http("--neuron.streaming_batch_size", "8", source=FakeSource(WORDS[:5]))
-    texts, chunks = await stream_text(miner, validator, logprobs=True, top_logprobs=3)
+    http = serve_http("--neuron.streaming_batch_size", "8", source=FakeSource(WORDS[:5]))
+    texts, chunks = await stream_text(http, validator, logprobs=True, top_logprobs=3)
     assert texts == WORDS[:5]
     content = [c.choices[0].logprobs.content for c in chunks if c.choices[0].delta.content]
     assert all(len(entries) == 1 and len(entries[0].top_logprobs) == 3 for entries in content)
@@ -80,9 +107,9 @@ async def test_logprobs_come_one_token_a_chunk_with_the_asked_alternatives(serve
 
 async def test_logprobs_and_sampling_pass_through_to_the_upstream(serve_http, validator) -> None:
     with LoopbackUpstream(tokens=WORDS[:4]) as up:
-        miner = serve_http("--openai.base_url", up.base_url, "--fallback.off")
+        http = serve_http("--openai.base_url", up.base_url, "--fallback.off")
         texts, chunks = await stream_text(
-            miner, validator, logprobs=True, top_logprobs=2, temperature=0.3, top_p=0.9, max_tokens=4,
+            http, validator, logprobs=True, top_logprobs=2, temperature=0.3, top_p=0.9, max_tokens=4,
             seed=7, stop=["zz"], extra_body={"sampling_parameters": {"top_k": 5}, "task": "InferenceTask"},
         )
     assert texts == WORDS[:4]
@@ -97,21 +124,21 @@ async def test_logprobs_and_sampling_pass_through_to_the_upstream(serve_http, va
 
 async def test_other_tasks_get_their_system_prompt(serve_http, validator) -> None:
     source = FakeSource(WORDS[:2])
-    miner = serve_http(source=source)
-    await stream_text(miner, validator, extra_body={"task": "MSRv2Task"})
+    http = serve_http(source=source)
+    await stream_text(http, validator, extra_body={"task": "MSRv2Task"})
     assert source.seen[0][0].role == "system"
 
 
-async def test_thirty_two_concurrent_streams_each_get_their_whole_answer(serve_http, validator) -> None:
-    miner = serve_http("--neuron.streaming_batch_size", "5", source=FakeSource(WORDS, interval=0.005))
-    results = await asyncio.gather(*(stream_text(miner, validator) for _ in range(32)))
+async def test_thirty_two_concurrent_streams_each_get_their_whole_answer(serve_http_port, validator) -> None:
+    http = serve_http_port("--neuron.streaming_batch_size", "5", source=FakeSource(WORDS, interval=0.005))
+    results = await asyncio.gather(*(stream_text(http, validator) for _ in range(32)))
     assert all("".join(texts) == TEXT for texts, _ in results)
 
 
 async def test_the_deadline_flushes_and_ends_the_stream_cleanly(serve_http, validator) -> None:
-    miner = serve_http("--neuron.streaming_batch_size", "100", source=FakeSource(WORDS * 10, interval=0.01))
+    http = serve_http("--neuron.streaming_batch_size", "100", source=FakeSource(WORDS * 10, interval=0.01))
     started = time.monotonic()
-    async with client(miner, validator) as openai_:
+    async with client(http, validator) as openai_:
         stream = await openai_.chat.completions.create(
             model="any", messages=MESSAGES, stream=True, extra_headers={"X-Client-Timeout": "1.5"}
         )
@@ -124,15 +151,15 @@ async def test_the_deadline_flushes_and_ends_the_stream_cleanly(serve_http, vali
 
 async def test_an_upstream_500_is_answered_by_the_local_model(serve_http, validator, tiny_model) -> None:
     with LoopbackUpstream(tokens=WORDS, fault=Fault(status=500)) as up:
-        miner = serve_http("--openai.base_url", up.base_url, "--openai.retry_backoff", "0.02", *local_flags(tiny_model))
-        texts, _ = await stream_text(miner, validator)
+        http = serve_http("--openai.base_url", up.base_url, "--openai.retry_backoff", "0.02", *local_flags(tiny_model))
+        texts, _ = await stream_text(http, validator)
     assert is_local("".join(texts)) and len(up.requests) == 3  # tried, retried twice, then the local model
 
 
-async def test_a_hang_up_cancels_the_upstream_request(serve_http, validator) -> None:
+async def test_a_hang_up_cancels_the_upstream_request(serve_http_port, validator) -> None:
     with LoopbackUpstream(tokens=WORDS, interval=0.2) as up:
-        miner = serve_http("--openai.base_url", up.base_url, "--fallback.off", "--neuron.streaming_batch_size", "1")
-        async with client(miner, validator) as openai_:
+        http = serve_http_port("--openai.base_url", up.base_url, "--fallback.off", "--neuron.streaming_batch_size", "1")
+        async with client(http, validator) as openai_:
             stream = await openai_.chat.completions.create(model="any", messages=MESSAGES, stream=True)
             async for chunk in stream:
                 if chunk.choices[0].delta.content:
@@ -148,11 +175,11 @@ async def test_the_key_is_never_logged(serve_http, validator, caplog, monkeypatc
     bt.logging.set_debug(True)
     try:
         with LoopbackUpstream(tokens=WORDS[:3]) as up, caplog.at_level("DEBUG"):
-            miner = serve_http("--openai.base_url", up.base_url, "--fallback.off")
-            texts, _ = await stream_text(miner, validator)
-            async with httpx.AsyncClient() as raw:
-                health = (await raw.get(url(miner, "/health"))).text
-                await raw.post(url(miner), content=BODY)  # a refusal is logged too
+            http = serve_http("--openai.base_url", up.base_url, "--fallback.off")
+            texts, _ = await stream_text(http, validator)
+            async with http.raw() as raw:
+                health = (await raw.get("/health")).text
+                await raw.post(CHAT, content=BODY)  # a refusal is logged too
     finally:
         bt.logging.set_debug(False)
     assert "".join(texts) == "".join(WORDS[:3]) and up.requests[0].headers["authorization"] == f"Bearer {secret}"
@@ -162,23 +189,24 @@ async def test_the_key_is_never_logged(serve_http, validator, caplog, monkeypatc
 # -- refusals: each before any model work, with a JSON reason ----------------------------------
 
 
-def signed(miner: OpenAIMiner, wallet: bt.Wallet, body: bytes, **kwargs) -> dict[str, str]:
-    return epistula_headers(wallet.hotkey, body, kwargs.pop("signed_for", miner.wallet.hotkey.ss58_address), **kwargs)
+def signed(http: Http, wallet: bt.Wallet, body: bytes, **kwargs) -> dict[str, str]:
+    return epistula_headers(wallet.hotkey, body, kwargs.pop("signed_for", http.miner.wallet.hotkey.ss58_address), **kwargs)
 
 
-async def post(miner: OpenAIMiner, body: bytes, headers: dict[str, str]) -> httpx.Response:
-    async with httpx.AsyncClient() as raw:
-        return await raw.post(url(miner), content=body, headers={"Content-Type": "application/json", **headers})
+async def post(http: Http, body: bytes, headers: dict[str, str]) -> httpx.Response:
+    async with http.raw() as raw:
+        return await raw.post(CHAT, content=body, headers={"Content-Type": "application/json", **headers})
 
 
+CHAT = "/v1/chat/completions"
 BODY = json.dumps({"model": "any", "messages": MESSAGES, "stream": True}).encode()
 
 
 @pytest.fixture
 def refusing(serve_http, validator):
     source = FakeSource(WORDS)
-    miner = serve_http("--blacklist.max_requests_per_minute", "2", "--neuron.max_body_bytes", "4096", source=source)
-    yield miner
+    http = serve_http("--blacklist.max_requests_per_minute", "2", "--neuron.max_body_bytes", "4096", source=source)
+    yield http
     assert source.seen == []  # no refused request reached the model
 
 
@@ -202,10 +230,10 @@ async def test_stale_and_future_timestamps_are_401(refusing, validator) -> None:
 
 
 async def test_a_replay_is_401(serve_http, validator) -> None:
-    miner = serve_http(source=FakeSource(WORDS[:2]))
-    headers = signed(miner, validator, BODY)
-    assert (await post(miner, BODY, headers)).status_code == 200
-    await refused(await post(miner, BODY, headers), 401, "replay")
+    http = serve_http(source=FakeSource(WORDS[:2]))
+    headers = signed(http, validator, BODY)
+    assert (await post(http, BODY, headers)).status_code == 200
+    await refused(await post(http, BODY, headers), 401, "replay")
 
 
 async def test_signed_for_another_hotkey_is_400(refusing, validator, wallets) -> None:
@@ -224,9 +252,9 @@ async def test_too_large_is_413(refusing, validator) -> None:
 
 
 async def test_rate_limited_is_429(serve_http, validator) -> None:
-    miner = serve_http("--blacklist.max_requests_per_minute", "1", source=FakeSource(WORDS[:2]))
-    assert (await post(miner, BODY, signed(miner, validator, BODY))).status_code == 200
-    await refused(await post(miner, BODY, signed(miner, validator, BODY)), 429, "requests in a minute")
+    http = serve_http("--blacklist.max_requests_per_minute", "1", source=FakeSource(WORDS[:2]))
+    assert (await post(http, BODY, signed(http, validator, BODY))).status_code == 200
+    await refused(await post(http, BODY, signed(http, validator, BODY)), 429, "requests in a minute")
 
 
 @pytest.mark.parametrize(
@@ -243,13 +271,13 @@ async def test_a_malformed_body_is_400(refusing, validator, body, reason) -> Non
 
 
 async def test_btauth_for_another_receiver_is_400_and_its_replay_401(serve_http, validator, wallets) -> None:
-    miner = serve_http(source=FakeSource(WORDS[:2]))
+    http = serve_http(source=FakeSource(WORDS[:2]))
     other = wallets("other").hotkey.ss58_address
     path = "/v1/chat/completions"
-    await refused(await post(miner, BODY, btauth_headers(validator.hotkey, "POST", path, BODY, other)), 400, "another hotkey")
-    headers = btauth_headers(validator.hotkey, "POST", path, BODY, miner.wallet.hotkey.ss58_address)
-    assert (await post(miner, BODY, headers)).status_code == 200
-    await refused(await post(miner, BODY, headers), 401, "replay")
+    await refused(await post(http, BODY, btauth_headers(validator.hotkey, "POST", path, BODY, other)), 400, "another hotkey")
+    headers = btauth_headers(validator.hotkey, "POST", path, BODY, http.miner.wallet.hotkey.ss58_address)
+    assert (await post(http, BODY, headers)).status_code == 200
+    await refused(await post(http, BODY, headers), 401, "replay")
 
 
 # -- availability, health, serving alone ----------------------------------------------------------
@@ -257,14 +285,14 @@ async def test_btauth_for_another_receiver_is_400_and_its_replay_401(serve_http,
 
 async def test_availability_says_which_tasks_and_models(serve_http) -> None:
     with LoopbackUpstream(tokens=WORDS) as up:
-        miner = serve_http("--openai.base_url", up.base_url, "--openai.model_name", "served-model", "--fallback.off")
+        http = serve_http("--openai.base_url", up.base_url, "--openai.model_name", "served-model", "--fallback.off")
         asked = {
             "task_availabilities": {"InferenceTask": True, "WebRetrievalTask": True, "MSRv2Task": True},
             "llm_model_availabilities": {"served-model": False, "other/model": False},
         }
-        async with httpx.AsyncClient() as raw:
-            answer = (await raw.post(url(miner, "/availability"), json=asked)).json()
-            health = (await raw.get(url(miner, "/health"))).json()
+        async with http.raw() as raw:
+            answer = (await raw.post("/availability", json=asked)).json()
+            health = (await raw.get("/health")).json()
     assert answer == {
         "task_availabilities": {"InferenceTask": True, "WebRetrievalTask": False, "MSRv2Task": True},
         "llm_model_availabilities": {"served-model": True, "other/model": False},
@@ -272,9 +300,9 @@ async def test_availability_says_which_tasks_and_models(serve_http) -> None:
     assert health["status"] == "ok" and "served-model" in health["backend"]
 
 
-async def test_axon_off_serves_http_alone(serve_http, validator) -> None:
-    miner = serve_http("--axon.off", source=FakeSource(WORDS))
-    texts, _ = await stream_text(miner, validator)
+async def test_axon_off_serves_http_alone(serve_http_port, validator) -> None:
+    http = serve_http_port("--axon.off", source=FakeSource(WORDS))
+    texts, _ = await stream_text(http, validator)
     assert "".join(texts) == TEXT
     with pytest.raises(OSError):
-        await asyncio.open_connection("127.0.0.1", miner.axon.port)
+        await asyncio.open_connection("127.0.0.1", http.miner.axon.port)

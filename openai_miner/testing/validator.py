@@ -194,12 +194,18 @@ async def post_signed(
 
 
 def signing_client(
-    keypair: Keypair, receiver: str, *, scheme: str = "epistula", timeout: float = 30.0
+    keypair: Keypair,
+    receiver: str,
+    *,
+    scheme: str = "epistula",
+    timeout: float = 30.0,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> httpx.AsyncClient:
     """An httpx client that signs every request for ``receiver`` as a validator would.
 
     SN1's validators (v2.13 on) gave such a client to ``openai.AsyncOpenAI`` (``http_client=``)
     and signed in a request hook with Epistula v2; bittensor 11 clients sign with btauth/1.
+    ``transport``: ``httpx.ASGITransport(app=...)`` asks a front's app in-process, no port.
     """
 
     async def sign(request: httpx.Request) -> None:
@@ -210,12 +216,16 @@ def signing_client(
             target = request.url.raw_path.decode("ascii")
             request.headers.update(btauth_headers(keypair, request.method, target, body, receiver))
 
-    return httpx.AsyncClient(event_hooks={"request": [sign]}, timeout=timeout)
+    return httpx.AsyncClient(event_hooks={"request": [sign]}, timeout=timeout, transport=transport)
 
 
-def openai_client(port: int, keypair: Keypair, receiver: str, *, scheme: str = "epistula", timeout: float = 30.0) -> openai.AsyncOpenAI:
-    """The openai SDK pointed at a miner's HTTP front on 127.0.0.1, signing like a validator."""
+def openai_client(
+    to: int | httpx.AsyncBaseTransport, keypair: Keypair, receiver: str, *, scheme: str = "epistula", timeout: float = 30.0
+) -> openai.AsyncOpenAI:
+    """The openai SDK asking a miner's HTTP front, signing like a validator: ``to`` is its port on
+    127.0.0.1, or a transport that drives its app in-process (``httpx.ASGITransport(app=...)``)."""
+    transport = None if isinstance(to, int) else to
     return openai.AsyncOpenAI(
-        base_url=f"http://127.0.0.1:{port}/v1", api_key="Apex", max_retries=0,
-        http_client=signing_client(keypair, receiver, scheme=scheme, timeout=timeout),
+        base_url=f"http://{'127.0.0.1:' + str(to) if transport is None else 'miner'}/v1", api_key="Apex", max_retries=0,
+        http_client=signing_client(keypair, receiver, scheme=scheme, timeout=timeout, transport=transport),
     )

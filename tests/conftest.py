@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import bittensor as bt
+import httpx
 import pytest
 
 from openai_miner.chain import mock_subtensor
 from openai_miner.miner import OpenAIMiner
 from openai_miner.sources.base import TokenSource
 from openai_miner.testing.localnet import NETUID, free_port, make_wallet, miner_argv, register_validator
+from tests.helpers import Http
 
 RECORDING_KEY = os.environ.get("OPENAI_API_KEY")  # read before tests hide it; used only to record
 os.environ["HF_HUB_OFFLINE"] = "1"  # no model hub here: local models load from disk only
@@ -94,6 +96,28 @@ def serve_miner(build_miner: Callable[..., OpenAIMiner]) -> Callable[..., OpenAI
         miner = build_miner(*extra, source=source, env=env)
         miner.run_in_background_thread()
         return miner
+
+    return start
+
+
+@pytest.fixture
+def serve_http(build_miner: Callable[..., OpenAIMiner]) -> Callable[..., Http]:
+    """A miner's HTTP front, driven in-process through its app: no port, no server."""
+
+    def start(*extra: str, source: TokenSource | None = None, env: dict | None = None) -> Http:
+        miner = build_miner("--http.port", str(free_port()), *extra, source=source, env=env)
+        front = next(front for front in miner.fronts if front.name == "http")
+        return Http(miner, httpx.ASGITransport(app=front.app()))
+
+    return start
+
+
+@pytest.fixture
+def serve_http_port(serve_miner: Callable[..., OpenAIMiner]) -> Callable[..., Http]:
+    """A started miner serving the HTTP front (and its axon) on free ports."""
+
+    def start(*extra: str, source: TokenSource | None = None, env: dict | None = None) -> Http:
+        return Http(serve_miner("--http.port", str(free_port()), *extra, source=source, env=env), None)
 
     return start
 

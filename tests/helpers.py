@@ -7,14 +7,18 @@ import re
 import time
 import types
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import httpx
 
 from openai_miner.fronts.axon import body_chunks
 from openai_miner.streaming import Emit
 from openai_miner.testing.process import miner_env
 
 if TYPE_CHECKING:
+    from openai_miner.miner import OpenAIMiner
     from openai_miner.sources.local import LocalSource
 
 DEVICE = os.environ.get("OPENAI_MINER_TEST_DEVICE", "cpu")
@@ -47,6 +51,36 @@ class Recorder:
     @property
     def text(self) -> str:
         return b"".join(m["body"] for m in self.messages).decode()
+
+
+@dataclass
+class Http:
+    """A miner's HTTP front as a test asks it: through its app in-process, or on its port."""
+
+    miner: "OpenAIMiner"
+    transport: httpx.AsyncBaseTransport | None  # None: over 127.0.0.1
+
+    @property
+    def base_url(self) -> str:
+        return "http://miner" if self.transport else f"http://127.0.0.1:{self.miner.config.http.port}"
+
+    def raw(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=self.transport, base_url=self.base_url)
+
+    def signing(self, wallet: Any) -> httpx.AsyncClient:
+        """A client signing as ``wallet``'s hotkey for this miner (paths relative to the front)."""
+        from openai_miner.testing.validator import signing_client
+
+        client = signing_client(wallet.hotkey, self.miner.wallet.hotkey.ss58_address, transport=self.transport)
+        client.base_url = httpx.URL(self.base_url)
+        return client
+
+    def openai(self, wallet: Any, **kwargs: Any) -> Any:
+        """The openai SDK asking this front as ``wallet``'s validator."""
+        from openai_miner.testing.validator import openai_client
+
+        to = self.transport or self.miner.config.http.port
+        return openai_client(to, wallet.hotkey, self.miner.wallet.hotkey.ss58_address, **kwargs)
 
 
 STARTED: list = []  # local sources whose batch threads conftest stops after each test

@@ -7,70 +7,25 @@ import asyncio
 import json
 import math
 import time
-from dataclasses import dataclass
 
 import bittensor as bt
 import httpx
 import pytest
 
 from openai_miner.fronts.auth import btauth_headers, epistula_headers
-from openai_miner.miner import OpenAIMiner
 from openai_miner.testing.fake_source import FakeSource
 from openai_miner.testing.localnet import free_port
 from openai_miner.testing.upstream import Fault, LoopbackUpstream, logprobs_of
-from openai_miner.testing.validator import openai_client
-from tests.helpers import eventually, is_local, local_flags
+from tests.helpers import Http, eventually, is_local, local_flags
 
 WORDS = [f"w{i:02d} " for i in range(30)]
 TEXT = "".join(WORDS)
 MESSAGES = [{"role": "user", "content": "hello"}]
 
 
-@dataclass
-class Http:
-    """A miner's HTTP front as a test asks it: through its app in-process, or on its port."""
-
-    miner: OpenAIMiner
-    transport: httpx.AsyncBaseTransport | None  # None: over 127.0.0.1
-
-    @property
-    def base_url(self) -> str:
-        return "http://miner" if self.transport else f"http://127.0.0.1:{self.miner.config.http.port}"
-
-    def raw(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=self.transport, base_url=self.base_url)
-
-
-@pytest.fixture
-def serve_http(build_miner):
-    """A miner's HTTP front, driven in-process through its app: no port, no server."""
-
-    def start(*extra: str, source=None, env=None) -> Http:
-        miner = build_miner("--http.port", str(free_port()), *extra, source=source, env=env)
-        front = next(front for front in miner.fronts if front.name == "http")
-        return Http(miner, httpx.ASGITransport(app=front.app()))
-
-    return start
-
-
-@pytest.fixture
-def serve_http_port(serve_miner):
-    """A started miner serving the HTTP front (and its axon) on free ports."""
-
-    def start(*extra: str, source=None, env=None) -> Http:
-        return Http(serve_miner("--http.port", str(free_port()), *extra, source=source, env=env), None)
-
-    return start
-
-
-def client(http: Http, wallet: bt.Wallet, **kwargs):
-    to = http.transport or http.miner.config.http.port
-    return openai_client(to, wallet.hotkey, http.miner.wallet.hotkey.ss58_address, **kwargs)
-
-
 async def stream_text(http: Http, wallet: bt.Wallet, **kwargs) -> tuple[list[str], list]:
     """Every non-empty content delta of a streamed answer, and every chunk."""
-    async with client(http, wallet, scheme=kwargs.pop("scheme", "epistula")) as openai_:
+    async with http.openai(wallet, scheme=kwargs.pop("scheme", "epistula")) as openai_:
         stream = await openai_.chat.completions.create(model="any", messages=MESSAGES, stream=True, **kwargs)
         chunks = [chunk async for chunk in stream]
     return [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content], chunks
@@ -89,7 +44,7 @@ async def test_streams_the_exact_text_in_batches(serve_http, validator, scheme) 
 
 async def test_not_streamed_is_one_completion(serve_http, validator) -> None:
     http = serve_http(source=FakeSource(WORDS))
-    async with client(http, validator) as openai_:
+    async with http.openai(validator) as openai_:
         completion = await openai_.chat.completions.create(model="any", messages=MESSAGES)
     assert completion.choices[0].message.content == TEXT and completion.choices[0].finish_reason == "stop"
     assert completion.usage.completion_tokens == len(WORDS)
@@ -138,7 +93,7 @@ async def test_thirty_two_concurrent_streams_each_get_their_whole_answer(serve_h
 async def test_the_deadline_flushes_and_ends_the_stream_cleanly(serve_http, validator) -> None:
     http = serve_http("--neuron.streaming_batch_size", "100", source=FakeSource(WORDS * 10, interval=0.01))
     started = time.monotonic()
-    async with client(http, validator) as openai_:
+    async with http.openai(validator) as openai_:
         stream = await openai_.chat.completions.create(
             model="any", messages=MESSAGES, stream=True, extra_headers={"X-Client-Timeout": "1.5"}
         )
@@ -159,7 +114,7 @@ async def test_an_upstream_500_is_answered_by_the_local_model(serve_http, valida
 async def test_a_hang_up_cancels_the_upstream_request(serve_http_port, validator) -> None:
     with LoopbackUpstream(tokens=WORDS, interval=0.2) as up:
         http = serve_http_port("--openai.base_url", up.base_url, "--fallback.off", "--neuron.streaming_batch_size", "1")
-        async with client(http, validator) as openai_:
+        async with http.openai(validator) as openai_:
             stream = await openai_.chat.completions.create(model="any", messages=MESSAGES, stream=True)
             async for chunk in stream:
                 if chunk.choices[0].delta.content:

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from openai_miner.fronts.http import parse_chat
 from openai_miner.messages import InvalidPrompt, Message, to_chat_messages
 from openai_miner.messages import ToolCall as CalledTool  # the loopback upstream has a ToolCall of its own
-from openai_miner.miner import OpenAIMiner
 from openai_miner.sources.base import (
     DEFAULT_SAMPLING,
     Finish,
@@ -25,9 +24,9 @@ from openai_miner.sources.base import (
 from openai_miner.sources.openai import OpenAISource, chat_openai, langchain_messages
 from openai_miner.streaming import stream_answer, text_of, tool_calls_of
 from openai_miner.testing.fake_source import FakeSource
-from openai_miner.testing.localnet import free_port
 from openai_miner.testing.upstream import LoopbackUpstream, ToolCall
-from openai_miner.testing.validator import ask, ask_http, openai_client, signing_client
+from openai_miner.testing.validator import ask, ask_http
+from tests.helpers import Http
 from tests.sn78 import CHALLENGE, miner  # noqa: F401  (the SN78 front's fixture)
 
 TOOLS = [{
@@ -45,31 +44,19 @@ CALL = ToolCall("weather", FRAGMENTS, id="call_abc")
 MESSAGES = [{"role": "user", "content": "weather in paris?"}]
 
 
-@pytest.fixture
-def serve_http(serve_miner):
-    def start(*extra: str, source=None) -> OpenAIMiner:
-        return serve_miner("--http.port", str(free_port()), *extra, source=source)
-
-    return start
-
-
-def sdk(served: OpenAIMiner, wallet: bt.Wallet):
-    return openai_client(served.config.http.port, wallet.hotkey, served.wallet.hotkey.ss58_address)
-
-
-def upstream_miner(serve_http, up: LoopbackUpstream, *extra: str) -> OpenAIMiner:
+def upstream_miner(serve_http, up: LoopbackUpstream, *extra: str) -> Http:
     return serve_http("--openai.base_url", up.base_url, "--fallback.off", *extra)
 
 
 # -- the HTTP front ----------------------------------------------------------------------------------
 
 
-async def test_a_streamed_tool_call_arrives_byte_exact_with_finish_reason_tool_calls(serve_http, validator) -> None:
+async def test_a_streamed_tool_call_arrives_byte_exact_with_finish_reason_tool_calls(serve_http_port, validator) -> None:
     with LoopbackUpstream(tokens=[], tool_calls=[CALL]) as up:
-        served = upstream_miner(serve_http, up, "--neuron.streaming_batch_size", "2")
-        async with signing_client(validator.hotkey, served.wallet.hotkey.ss58_address) as client:
+        served = upstream_miner(serve_http_port, up, "--neuron.streaming_batch_size", "2")
+        async with served.signing(validator) as client:
             answer = await ask_http(
-                client, served.config.http.port, "weather in paris?", extra={"tools": TOOLS, "tool_choice": "auto"}
+                client, served.miner.config.http.port, "weather in paris?", extra={"tools": TOOLS, "tool_choice": "auto"}
             )
         sent = up.requests[0].body
     assert answer.status == 200 and answer.error is None and answer.text == ""
@@ -82,7 +69,7 @@ async def test_text_then_two_calls_stream_through_the_sdk(serve_http, validator)
     second = ToolCall("weather", ['{"city":', '"Rome"}'], id="call_def")
     with LoopbackUpstream(tokens=["Let ", "me ", "look."], tool_calls=[CALL, second]) as up:
         served = upstream_miner(serve_http, up, "--neuron.streaming_batch_size", "3")
-        async with sdk(served, validator) as openai_:
+        async with served.openai(validator) as openai_:
             stream = await openai_.chat.completions.create(model="any", messages=MESSAGES, tools=TOOLS, stream=True)
             chunks = [chunk async for chunk in stream]
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
@@ -102,7 +89,7 @@ async def test_text_then_two_calls_stream_through_the_sdk(serve_http, validator)
 async def test_a_whole_answer_carries_message_tool_calls(serve_http, validator) -> None:
     with LoopbackUpstream(tokens=[], tool_calls=[CALL]) as up:
         served = upstream_miner(serve_http, up)
-        async with sdk(served, validator) as openai_:
+        async with served.openai(validator) as openai_:
             completion = await openai_.chat.completions.create(
                 model="any", messages=MESSAGES, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "weather"}}
             )
@@ -124,7 +111,7 @@ async def test_a_tool_conversation_reaches_the_upstream_in_openais_shape(serve_h
     ]
     with LoopbackUpstream(tokens=["Sunny, ", "18."]) as up:
         served = upstream_miner(serve_http, up)
-        async with sdk(served, validator) as openai_:
+        async with served.openai(validator) as openai_:
             completion = await openai_.chat.completions.create(model="any", messages=history, tools=TOOLS)
         sent = up.requests[0].body["messages"]
     assert completion.choices[0].message.content == "Sunny, 18." and completion.choices[0].finish_reason == "stop"
@@ -157,11 +144,8 @@ async def test_a_malformed_tool_request_is_a_400_before_any_model_work(serve_htt
     source = FakeSource(["never"])
     served = serve_http(source=source)
     body = json.dumps({"model": "any", "messages": MESSAGES, "stream": True, **change}).encode()
-    async with signing_client(validator.hotkey, served.wallet.hotkey.ss58_address) as client:
-        response = await client.post(
-            f"http://127.0.0.1:{served.config.http.port}/v1/chat/completions",
-            content=body, headers={"Content-Type": "application/json"},
-        )
+    async with served.signing(validator) as client:
+        response = await client.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 400, response.text
     assert reason in response.json()["error"]["message"]
     assert source.seen == []

@@ -7,15 +7,12 @@ import time
 import pytest
 from openai_miner.messages import Message
 
-from openai_miner.miner import OpenAIMiner
 from openai_miner.sources.base import Sampling, Usage
 from openai_miner.sources.local import template_chat
 from openai_miner.sources.openai import OpenAISource, chat_openai
 from openai_miner.streaming import stream_answer
-from openai_miner.testing.localnet import free_port
 from openai_miner.testing.upstream import LoopbackUpstream, usage
-from openai_miner.testing.validator import openai_client
-from tests.helpers import local_source
+from tests.helpers import Http, local_source
 from tests.sn78 import CHALLENGE, miner  # noqa: F401  (the SN78 front's fixture)
 
 WORDS = [f"w{i} " for i in range(6)]
@@ -24,20 +21,16 @@ COUNTED = usage({"messages": MESSAGES}, len(WORDS))  # what the loopback upstrea
 
 
 @pytest.fixture
-def served(serve_miner):
-    def start(up: LoopbackUpstream) -> OpenAIMiner:
-        return serve_miner("--http.port", str(free_port()), "--openai.base_url", up.base_url, "--fallback.off")
+def served(serve_http):
+    def start(up: LoopbackUpstream) -> Http:
+        return serve_http("--openai.base_url", up.base_url, "--fallback.off")
 
     return start
 
 
-def sdk(http_miner: OpenAIMiner, validator):
-    return openai_client(http_miner.config.http.port, validator.hotkey, http_miner.wallet.hotkey.ss58_address)
-
-
 async def test_a_whole_answer_has_the_upstreams_usage(served, validator) -> None:
     with LoopbackUpstream(tokens=WORDS) as up:
-        async with sdk(served(up), validator) as openai_:
+        async with served(up).openai(validator) as openai_:
             completion = await openai_.chat.completions.create(model="any", messages=MESSAGES)
         sent = up.requests[0].body
     assert sent["stream_options"] == {"include_usage": True}  # asked for on every stream
@@ -47,7 +40,7 @@ async def test_a_whole_answer_has_the_upstreams_usage(served, validator) -> None
 
 async def test_a_stream_ends_with_a_usage_chunk_when_asked(served, validator) -> None:
     with LoopbackUpstream(tokens=WORDS) as up:
-        async with sdk(served(up), validator) as openai_:
+        async with served(up).openai(validator) as openai_:
             stream = await openai_.chat.completions.create(
                 model="any", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
             )
@@ -61,7 +54,7 @@ async def test_a_stream_ends_with_a_usage_chunk_when_asked(served, validator) ->
 
 async def test_a_stream_has_no_usage_chunk_unless_asked(served, validator) -> None:
     with LoopbackUpstream(tokens=WORDS) as up:
-        async with sdk(served(up), validator) as openai_:
+        async with served(up).openai(validator) as openai_:
             stream = await openai_.chat.completions.create(model="any", messages=MESSAGES, stream=True)
             chunks = [chunk async for chunk in stream]
     assert all(c.choices and c.usage is None for c in chunks)

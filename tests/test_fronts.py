@@ -304,13 +304,14 @@ class LoadingModel(FakeSource):
 
 
 @pytest.mark.parametrize("primary, loaded, available", [(None, False, False), (None, True, True), (FakeSource(WORDS), False, True)])
-async def test_sn78_availability_follows_what_can_answer(serve_miner, primary, loaded, available) -> None:
+async def test_sn78_availability_follows_what_can_answer(build_miner, primary, loaded, available) -> None:
     local = LoadingModel(WORDS)
     local.loaded = loaded
     source = FallbackSource(primary, local, CircuitBreaker(3, 30.0))
-    miner = serve_miner("--axon.off", "--loosh.port", str(free_port()), source=source)
-    async with httpx.AsyncClient() as client:
-        response = await client.get(f"http://127.0.0.1:{miner.config.loosh.port}/availability")
+    miner = build_miner("--axon.off", "--loosh.port", str(free_port()), source=source)
+    (front,) = miner.fronts
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=front.app()), base_url="http://miner") as client:
+        response = await client.get("/availability")
     assert response.status_code == 200 and json.loads(response.content) == {"available": available}
 
 

@@ -123,7 +123,7 @@ class Miner(abc.ABC):
             add_help=False,
         )
         parser.add_argument("-h", "--help", action="help", help="Show the miner's options and exit.")
-        parser.add_argument("--help-all", action=HelpAll, help="Show bittensor's internal options too, and exit.")
+        parser.add_argument("--help-all", action=HelpAll, help="Show the tuning options and bittensor's internal ones too, and exit.")
         parser.add_argument(
             "--version", action="version", version=f"openai-miner {__version__}", help="Show the version and exit."
         )

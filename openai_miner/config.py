@@ -251,8 +251,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"usage: {self.usage} (--help lists the options)\n{self.prog}: error: {message}\n")
 
 
+def advanced(action: argparse.Action) -> argparse.Action:
+    """A tuning option that ``--help`` leaves to ``--help-all`` (and README), to keep the help to a screen."""
+    action.hidden_help, action.help = action.help or "", argparse.SUPPRESS  # type: ignore[attr-defined]
+    return action
+
+
 class HelpAll(argparse.Action):
-    """``--help-all``: the help with bittensor's internal flags too."""
+    """``--help-all``: the help with the tuning options and bittensor's internal flags too."""
 
     def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
@@ -276,6 +282,6 @@ def tidy_help(parser: argparse.ArgumentParser) -> None:
             parser._optionals._group_actions.remove(action)
             chain._group_actions.append(action)
         elif action.help is not argparse.SUPPRESS:
-            action.hidden_help, action.help = action.help or "", argparse.SUPPRESS  # type: ignore[attr-defined]
+            advanced(action)
     rank = {title: index for index, title in enumerate(GROUPS)}
     parser._action_groups.sort(key=lambda group: rank.get(group.title or "", -1))

@@ -108,8 +108,10 @@ def test_help_fits_a_screen_with_the_miners_groups_first(tmp_path: Path) -> None
         "who may ask", "chain, wallet, axon",
     ]
     assert "--subtensor._mock" not in done.stdout and "--logging.record_log" not in done.stdout
+    assert "--openai.retry_backoff" not in done.stdout  # a tuning option
     everything, _ = run_miner(tmp_path, "--help-all")
     assert "--logging.record_log" in everything.stdout  # bittensor's own: out of the way, not gone
+    assert "--openai.retry_backoff SECONDS" in everything.stdout
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from pathlib import Path
 import bittensor as bt
 
 from openai_miner.budget import STATE_FILE, DailyBudget
-from openai_miner.config import at_least
+from openai_miner.config import advanced, at_least
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -34,11 +34,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--openai.max_retries", type=at_least(0), default=2,
         help="Retries of a transient upstream error before the first token, within the deadline.",
     )
-    parser.add_argument(
+    advanced(parser.add_argument(
         "--openai.retry_backoff", type=at_least(0, float), default=0.25, metavar="SECONDS",
         help="Wait before the first retry; each next one waits about twice as long (at most 4 s), plus up to "
         "this much jitter, or as long as the upstream's Retry-After asks.",
-    )
+    ))
     parser.add_argument(
         "--openai.daily_token_budget", type=at_least(0), default=0,
         help="Most upstream tokens (prompt + completion, as the upstream counts them) per UTC day; once spent, "

@@ -32,6 +32,23 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     gc.freeze()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kept_conversions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """This run's kept GGUF conversions (``--fallback.cache_dir``'s default, under ``XDG_CACHE_HOME``),
+    shared by its workers and every real process they start: the run's first load of the default
+    model converts its GGUF file (that path is tested every run), the others load the copy in a
+    second instead of converting again (about 20 s each)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "cache"
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(shared)
+    yield shared / "openai-miner" / "models"
+    if before is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No public-IP lookup, no developer key or ``.env`` leaking into a test."""
@@ -142,6 +159,7 @@ def smollm2() -> tuple[str, Callable]:
     pytest.importorskip("transformers")
     import threading
 
+    from openai_miner.sources import gguf_cache
     from openai_miner.sources.local_model import default_model, load_model
 
     path = default_model()
@@ -153,7 +171,7 @@ def smollm2() -> tuple[str, Callable]:
     def loader(model: str, device: str, dtype: str | None = "auto"):
         with lock:
             if (model, device, dtype) not in loads:
-                loads[model, device, dtype] = load_model(model, device, dtype)
+                loads[model, device, dtype] = load_model(model, device, dtype, cache=gguf_cache.default_root())
             return loads[model, device, dtype]
 
     return path, loader

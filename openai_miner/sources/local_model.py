@@ -19,6 +19,8 @@ import bittensor as bt
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from openai_miner.sources import gguf_cache
+
 # For tokenizers that ship without one (base models, some GGUF files).
 FALLBACK_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
@@ -136,6 +138,12 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
+def _load(source: str, kwargs: dict[str, Any], dtype: torch.dtype) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """The tokenizer and the model (on the CPU) at ``source``."""
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    return tokenizer, AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+
+
 def trim_heap() -> None:
     """Hand the heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
 
@@ -148,11 +156,13 @@ def trim_heap() -> None:
         pass
 
 
-def load_model(model: str, device: str, dtype: str | None = "auto") -> LoadedModel:
+def load_model(model: str, device: str, dtype: str | None = "auto", cache: Path | None = None) -> LoadedModel:
     """Load a hub id, a ``save_pretrained`` directory or a ``.gguf`` file, ready to generate.
 
-    Weights are loaded (a GGUF file de-quantized) straight into :func:`pick_dtype`'s dtype. Blocking
-    and slow (seconds to minutes): call it from a thread when an event loop is running.
+    Weights are loaded (a GGUF file de-quantized) straight into :func:`pick_dtype`'s dtype. A GGUF
+    file's conversion is kept under ``cache`` (:mod:`~openai_miner.sources.gguf_cache`) and loaded
+    from there next time; ``None`` keeps none. Blocking and slow (seconds to minutes): call it from
+    a thread when an event loop is running.
     """
     started = time.monotonic()
     torch_dtype = pick_dtype(dtype, device)
@@ -163,24 +173,34 @@ def load_model(model: str, device: str, dtype: str | None = "auto") -> LoadedMod
         offline = True  # one quick failure, instead of a minute of retries
     kwargs: dict[str, Any] = {"local_files_only": path.exists() or offline}
     source: str = model
+    converted = gguf_cache.entry(path, torch_dtype, cache) if cache is not None and path.suffix == ".gguf" else None
     if path.suffix == ".gguf":
         source, kwargs["gguf_file"] = str(path.parent), path.name
     elif path.exists():
         source = str(path)
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    reloaded = None
+    if converted is not None and gguf_cache.kept(converted):
+        try:
+            reloaded = _load(str(converted), {"local_files_only": True}, torch_dtype)
+        except Exception as error:  # a damaged entry: the GGUF file is still there
+            gguf_cache.forget(converted, error)
+    tokenizer, loaded = reloaded or _load(source, kwargs, torch_dtype)
     if tokenizer.chat_template is None:
         bt.logging.info(f"{model} has no chat template: using a plain 'role: content' one")
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    if converted is not None and reloaded is None:
+        gguf_cache.keep(loaded, tokenizer, converted)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs).to(device)
+    loaded = loaded.to(device)
     loaded.eval()
     trim_heap()
     memory = f"{parameter_megabytes(loaded):.0f} MB of parameters"
     if device.startswith("cuda"):
         memory += f", {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB CUDA peak"
+    kept = "" if reloaded is None else f", converted before: {converted}"
     bt.logging.info(
-        f"loaded {model} on {device} ({str(loaded.dtype).removeprefix('torch.')}, {memory}) "
+        f"loaded {model} on {device} ({str(loaded.dtype).removeprefix('torch.')}, {memory}{kept}) "
         f"in {time.monotonic() - started:.1f}s"
     )
     return LoadedModel(tokenizer=tokenizer, model=loaded, device=device)

@@ -343,7 +343,7 @@ async def test_real_local_model_answers_the_first_failing_requests_lazy_or_prelo
 
         class SharedLoad(local_module.LocalSource):
             def __init__(self, *args, **kwargs) -> None:
-                super().__init__(*args, loader=loader, **kwargs)
+                super().__init__(*args, **{**kwargs, "loader": loader})
 
         monkeypatch.setattr(local_module, "LocalSource", SharedLoad)
     answers, _, _ = await ask_while_upstream_fails(

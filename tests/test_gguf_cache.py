@@ -3,7 +3,6 @@ it, written whole or not at all, loaded back the same, made again when damaged."
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -94,23 +93,54 @@ def test_the_miners_local_model_is_loaded_with_the_flags_cache(tmp_path: Path, t
     assert asked == [wanted]
 
 
+def test_a_damaged_entry_is_dropped_and_made_again_then_loaded_without_the_gguf_file(
+    tmp_path: Path, tiny_model: str, monkeypatch, caplog
+) -> None:
+    """load_model's path around the conversion, with the tiny model standing for what transformers
+    makes of a GGUF file (the real conversion has its own test below)."""
+    import openai_miner.sources.local_model as local_model
+
+    real_load, converted_from_gguf = local_model._load, []
+
+    def loading(source: str, kwargs: dict, dtype: torch.dtype):
+        if "gguf_file" in kwargs:
+            converted_from_gguf.append(kwargs["gguf_file"])
+            return real_load(tiny_model, {"local_files_only": True}, dtype)
+        return real_load(source, kwargs, dtype)
+
+    monkeypatch.setattr(local_model, "_load", loading)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    cache = tmp_path / "cache"
+    damaged = gguf_cache.entry(gguf, torch.float32, cache)
+    damaged.mkdir(parents=True)
+    (damaged / "config.json").write_text("{not json")
+    (damaged / gguf_cache.DONE).write_text("")
+    with caplog.at_level(logging.INFO, logger="bittensor"):
+        remade = load_model(str(gguf), "cpu", cache=cache)
+        assert caplog.text.count("does not load") == 1 and "kept the converted model at" in caplog.text
+        caplog.clear()
+        again = load_model(str(gguf), "cpu", cache=cache)
+    assert converted_from_gguf == ["model.gguf"]  # the second load read the kept copy only
+    assert f"converted before: {damaged}" in caplog.text and same_weights(again.model, remade.model)
+
+
 @pytest.mark.slow
-def test_the_default_models_conversion_is_kept_and_a_damaged_one_made_again(smollm2, kept_conversions, tmp_path: Path, caplog) -> None:
-    """The worker's load of SmolLM2 kept its conversion (made by this run's first load); a copy whose
-    weights are damaged is dropped with a warning and made again from the GGUF file, the same."""
+def test_the_default_models_kept_conversion_is_the_gguf_files_model(smollm2, kept_conversions) -> None:
+    """This run's first load of SmolLM2 converted its GGUF file and kept the result; the copy loads
+    the GGUF file's own weights (its embedding table, de-quantized here by the gguf package) and
+    answers as the worker's shared load does."""
+    from gguf import GGUFReader, dequantize
+
     path, loader = smollm2
     shared = loader(path, "cpu")
     kept = gguf_cache.entry(Path(path), torch.float32, kept_conversions)
     assert gguf_cache.kept(kept)
-    damaged = tmp_path / kept.name
-    shutil.copytree(kept, damaged)
-    (damaged / "model.safetensors").write_bytes(b"not safetensors")
-    with caplog.at_level(logging.INFO, logger="bittensor"):
-        remade = load_model(path, "cpu", cache=tmp_path)
-        assert caplog.text.count("does not load") == 1 and "kept the converted model at" in caplog.text
-        caplog.clear()
-        again = load_model(path, "cpu", cache=tmp_path)
-    assert f"converted before: {damaged}" in caplog.text
-    assert same_weights(remade.model, shared.model) and same_weights(again.model, shared.model)
-    ids = again.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
-    assert ids == shared.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
+    tokenizer, model = _load(str(kept), {"local_files_only": True}, torch.float32)
+    embedding = next(tensor for tensor in GGUFReader(path).tensors if tensor.name == "token_embd.weight")
+    from_file = torch.from_numpy(dequantize(embedding.data, embedding.tensor_type).copy())
+    assert torch.equal(from_file, model.model.embed_tokens.weight) and same_weights(model, shared.model)
+    asked = [{"role": "user", "content": "What is the capital of France?"}]
+    assert tokenizer.apply_chat_template(asked, add_generation_prompt=True) == shared.tokenizer.apply_chat_template(
+        asked, add_generation_prompt=True
+    )

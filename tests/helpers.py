@@ -182,3 +182,12 @@ def unfinished_http_generators() -> list[str]:
         and found.ag_frame.f_lasti >= 0
         and found.ag_frame.f_globals.get("__name__", "").split(".")[0] in HTTP_STACK
     ]
+
+
+async def leftovers(within: float = 2.0) -> list[str]:
+    """The HTTP stream generators still unfinished once what is in flight has ended and what was
+    let go has been closed (polled, up to ``within`` seconds): only the collector would close these."""
+    deadline = time.monotonic() + within
+    while (left := unfinished_http_generators()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return left

@@ -10,7 +10,7 @@ from openai_miner.testing.upstream import Fault, LoopbackUpstream, ToolCall
 from openai_miner.sources.base import Sampling, ToolCallDelta, UpstreamError
 from openai_miner.sources.openai import OpenAISource, chat_openai
 from openai_miner.streaming import stream_answer
-from tests.helpers import Recorder, collector_paused, unfinished_http_generators
+from tests.helpers import Recorder, collector_paused, leftovers
 
 TOKENS = [f"w{i} " for i in range(25)]
 MESSAGES = [Message("system", "be brief"), Message("user", "hello")]
@@ -19,15 +19,6 @@ MESSAGES = [Message("system", "be brief"), Message("user", "hello")]
 def source(up: LoopbackUpstream, **kwargs) -> OpenAISource:
     model = chat_openai(model="loopback", api_key="sk-test-secret", base_url=up.base_url, max_tokens=64)
     return OpenAISource(model, backoff=0.01, max_backoff=0.05, **kwargs)
-
-
-async def leftovers(within: float = 2.0) -> list[str]:
-    """The HTTP stream generators still unfinished once this loop has closed what was let go
-    (polled, up to ``within`` seconds, instead of a fixed sleep)."""
-    deadline = time.monotonic() + within
-    while (left := unfinished_http_generators()) and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    return left
 
 
 async def run(src: OpenAISource, deadline_in: float = 10.0, batch: int = 4):

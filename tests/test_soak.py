@@ -25,7 +25,7 @@ import pytest
 from openai_miner.testing.upstream import Fault, LoopbackUpstream, RecordedRequest
 from openai_miner.miner import OpenAIMiner
 from openai_miner.testing.validator import Answer, ask
-from tests.helpers import FULL, TOKENS, eventually, is_local, is_upstream_prefix, local_flags, collector_paused, local_generating, unfinished_http_generators
+from tests.helpers import FULL, TOKENS, eventually, is_local, is_upstream_prefix, local_flags, collector_paused, local_generating, leftovers
 
 REQUESTS = int(os.environ.get("SOAK_REQUESTS", "300"))
 SEED = int(os.environ.get("SOAK_SEED", "6"))
@@ -255,7 +255,7 @@ async def test_soak(serve_miner, validator, tiny_model) -> None:
             with collector_paused():  # what an answer leaves to the collector is counted after each batch
                 for first in range(0, REQUESTS, step):
                     batch_found, batch_counts = await run_batch(dendrites, miner, up, jobs[first : first + step])
-                    found += batch_found + [f"left to the collector: {name}" for name in unfinished_http_generators()]
+                    found += batch_found + [f"left to the collector: {name}" for name in await leftovers()]
                     counts += batch_counts
                     gc.collect()
                     memory.append(rss_mb())

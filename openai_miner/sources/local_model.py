@@ -173,7 +173,8 @@ def load_model(model: str, device: str, dtype: str | None = "auto", cache: Path 
         offline = True  # one quick failure, instead of a minute of retries
     kwargs: dict[str, Any] = {"local_files_only": path.exists() or offline}
     source: str = model
-    converted = gguf_cache.entry(path, torch_dtype, cache) if cache is not None and path.suffix == ".gguf" else None
+    gguf = path.suffix == ".gguf" and path.is_file()
+    converted = gguf_cache.entry(path, torch_dtype, cache) if gguf and cache is not None else None
     if path.suffix == ".gguf":
         source, kwargs["gguf_file"] = str(path.parent), path.name
     elif path.exists():

@@ -19,11 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from openai_miner.fronts.http import Front as ServedHttp
 from openai_miner.fronts.auth import epistula_headers
 from openai_miner.protocol import StreamPromptingSynapse
 from openai_miner.testing.fake_source import FakeSource
 from openai_miner.testing.validator import ask
+from tests.helpers import Http
 
 TOKENS = ["fine", " thanks"]
 ANSWER = "".join(TOKENS)
@@ -91,17 +91,14 @@ CLIENT_TIMEOUTS = st.one_of(st.none(), st.sampled_from(["inf", "nan", "1e999", "
 
 
 @pytest.fixture
-def http_front(build_miner, validator):
-    """The HTTP front's app of a miner that serves nothing on a port, and an httpx client on it."""
-    miner = build_miner(*UNLIMITED, source=FakeSource(TOKENS))
-    transport = httpx.ASGITransport(app=ServedHttp(miner).app())
-    return miner, lambda: httpx.AsyncClient(transport=transport, base_url="http://miner")
+def http_front(serve_http, validator) -> Http:
+    """The HTTP front of a miner that serves nothing on a port, driven in-process."""
+    return serve_http(*UNLIMITED, source=FakeSource(TOKENS))
 
 
-async def post_chat(http_front, validator, body: bytes, **headers: str) -> httpx.Response:
-    miner, client = http_front
-    signed = epistula_headers(validator.hotkey, body, miner.wallet.hotkey.ss58_address)
-    async with client() as http:
+async def post_chat(http_front: Http, validator, body: bytes, **headers: str) -> httpx.Response:
+    signed = epistula_headers(validator.hotkey, body, http_front.miner.wallet.hotkey.ss58_address)
+    async with http_front.raw() as http:
         return await http.post("/v1/chat/completions", content=body, headers={**signed, **headers})
 
 
@@ -125,8 +122,7 @@ async def test_any_chat_body_gets_an_answer_or_a_4xx(http_front, validator, body
 @FUZZ
 @given(body=st.one_of(VALUE, st.fixed_dictionaries({"task_availabilities": VALUE, "llm_model_availabilities": VALUE})))
 async def test_any_availability_body_gets_an_answer_or_a_400(http_front, body) -> None:
-    _, client = http_front
-    async with client() as http:
+    async with http_front.raw() as http:
         response = await http.post("/availability", content=json.dumps(body).encode())
     assert response.status_code in (200, 400), (response.status_code, response.text)
 
@@ -169,7 +165,7 @@ async def test_an_out_of_bounds_body_is_400_with_its_reason(http_front, validato
 
 
 async def test_numbers_at_their_bounds_are_taken(http_front, validator) -> None:
-    miner, _ = http_front
+    miner = http_front.miner
     body = chat(
         max_tokens=5.0, seed=-(2**63), temperature=100, top_p=0, top_k=2**31 - 1, logprobs=True, top_logprobs=20,
         timeout=3600,
@@ -182,8 +178,7 @@ async def test_numbers_at_their_bounds_are_taken(http_front, validator) -> None:
 
 
 async def test_an_availability_body_naming_a_lone_surrogate_is_400(http_front) -> None:
-    _, client = http_front
-    async with client() as http:
+    async with http_front.raw() as http:
         response = await http.post("/availability", content=json.dumps({"task_availabilities": {"\ud800": True}}))
     assert response.status_code == 400 and "valid Unicode" in response.json()["error"]["message"]
 

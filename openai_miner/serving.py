@@ -83,18 +83,22 @@ class Places:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.open = 0
-        self.silent: OrderedDict[IdleClosing, None] = OrderedDict()  # oldest first, each of these
+        # The connections not being answered, each oldest first: never sent a byte, kept alive after
+        # an answer, sending a request.
+        self.silent: OrderedDict[IdleClosing, None] = OrderedDict()
         self.kept: OrderedDict[IdleClosing, None] = OrderedDict()
         self.sending: OrderedDict[IdleClosing, None] = OrderedDict()
 
     def join(self, connection: "IdleClosing") -> None:
         """A new connection, silent; at the limit, the oldest one not being answered makes room."""
         if self.open >= self.limit:
-            self.make_room()
+            self.close_oldest_waiting()
         self.open += 1
         self.silent[connection] = None
 
-    def make_room(self) -> None:
+    def close_oldest_waiting(self) -> None:
+        """Close the first connection the class docstring's order gives; one found with its request
+        unread moves to the sending ones instead."""
         for waiting in (self.silent, self.kept):
             while waiting:
                 oldest = waiting.popitem(last=False)[0]

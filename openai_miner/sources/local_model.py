@@ -173,10 +173,11 @@ def load_model(model: str, device: str, dtype: str | None = "auto", cache: Path 
         offline = True  # one quick failure, instead of a minute of retries
     kwargs: dict[str, Any] = {"local_files_only": path.exists() or offline}
     source: str = model
-    gguf = path.suffix == ".gguf" and path.is_file()
-    converted = gguf_cache.entry(path, torch_dtype, cache) if gguf and cache is not None else None
+    converted = None  # where this GGUF file's conversion is kept
     if path.suffix == ".gguf":
         source, kwargs["gguf_file"] = str(path.parent), path.name
+        if cache is not None and path.is_file():
+            converted = gguf_cache.entry(path, torch_dtype, cache)
     elif path.exists():
         source = str(path)
     reloaded = None
